@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Index a folder of images: one feature vector per image, into a features file.
+
+    python create_imagenet_features.py --dataset icons --output imagenet_features.csv
+"""
+
+from __future__ import annotations
+
+import sys
+
+from search_utils import cli
+from search_utils.engine import index_folder, list_dataset
+from search_utils.models import DEFAULT_MODEL, MODELS, get_model_spec, load_extractor
+
+
+def parse_args(argv):
+    parser = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("-d", "--dataset", required=True, help="folder of images to index (searched recursively)")
+    parser.add_argument("-o", "--output", required=True, help="features file to write (CSV, as in the post)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
+                        help=f"backbone (default: {DEFAULT_MODEL}, the post's)")
+    parser.add_argument("--weights", metavar="PATH",
+                        help="local weights file, for machines without internet (default: download ImageNet weights)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default: 32)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    spec = get_model_spec(args.model)
+    paths = list_dataset(args.dataset)  # fail fast, before the model loads
+    extractor = load_extractor(spec, args.weights)
+    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.quiet,
+              desc="indexing", dynamic_ncols=True) as bar:
+        def skip(error):
+            bar.write(f"skipping {error}", file=sys.stderr)
+
+        report = index_folder(args.dataset, args.output, extractor, paths, args.batch_size,
+                              on_progress=bar.update, on_skip=skip)
+    done = len(report.result.paths)
+    skipped = len(report.result.skipped)
+    print(
+        f"indexed {done} images with {spec.name} ({skipped} skipped) in {report.seconds:.1f} s, "
+        f"{report.images_per_second:.1f} images/s -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

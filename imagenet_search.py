@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Find the indexed images that look most like a query image.
+
+    python imagenet_search.py --query search.jpg --featuresPath imagenet_features.csv
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from search_utils import cli, plot
+from search_utils.engine import query_features, store_model
+from search_utils.models import MODELS, load_extractor
+from search_utils.search import DEFAULT_METRIC, METRICS, search
+from search_utils.store import load_features
+
+DEFAULT_PICTURE = "search_results.png"
+
+
+def parse_args(argv):
+    parser = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("-q", "--query", required=True, help="query image")
+    parser.add_argument("-f", "--featuresPath", required=True, help="features file made by create_imagenet_features.py")
+    parser.add_argument("-n", "--numResults", type=int, default=5, help="how many results (default: 5)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=list(METRICS),
+                        help=f"distance (default: {DEFAULT_METRIC}, the post's)")
+    parser.add_argument("--model", choices=sorted(MODELS),
+                        help="expected model; refuse a features file made with another")
+    parser.add_argument("--weights", metavar="PATH",
+                        help="local weights file for embedding an outside query (default: as recorded when indexing)")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--save", metavar="PNG", help="save the results picture here")
+    parser.add_argument("--no-plot", action="store_true", help="no results picture")
+    args = parser.parse_args(argv)
+    if args.numResults < 1:
+        parser.error(f"argument -n/--numResults: must be at least 1, got {args.numResults}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    store = load_features(args.featuresPath)
+    model = store_model(store, args.model)
+    if model.assumed:
+        print(f"note: {args.featuresPath} has no metadata file; assuming the post's "
+              f"{model.spec.name} features", file=sys.stderr)
+    weights = args.weights or model.weights
+    query, reused = query_features(store, args.query, model.spec,
+                                   lambda: load_extractor(model.spec, weights))
+    if not reused:
+        print(f"embedded the query with {model.spec.name}", file=sys.stderr)
+    hits = search(store.features, store.paths, query, args.numResults, args.metric)
+    print_results(args, hits)
+    show_picture(args, hits)
+    return 0
+
+
+def print_results(args, hits) -> None:
+    if args.json:
+        results = [{"rank": h.rank, "distance": h.distance, "path": h.path} for h in hits]
+        print(json.dumps({"query": args.query, "metric": args.metric, "results": results}, indent=2))
+        return
+    width = max([8] + [len(f"{h.distance:.4f}") for h in hits])
+    print(f"rank  {'distance':>{width}}  path")
+    for h in hits:
+        print(f"{h.rank:>4}  {h.distance:>{width}.4f}  {h.path}")
+
+
+def show_picture(args, hits) -> None:
+    if args.no_plot:
+        return
+    figure = plot.results_figure(args.query, hits)
+    target = args.save
+    if target is None and not plot.display_available():
+        target = DEFAULT_PICTURE
+    if target:
+        plot.save_figure(figure, target)
+        print(f"saved the results picture to {target}", file=sys.stderr)
+    if plot.display_available() and args.save is None:
+        plot.show_figure(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,39 @@
+"""search_utils: the library behind the image search engine's commands.
+
+Pieces, one job each:
+    images   find image files; open one robustly (EXIF, alpha, frames)
+    models   registry of backbones; batched, compiled feature extractor
+    indexing files -> features, decoding overlapped with inference
+    store    features files (the post's CSV) and their metadata
+    search   distances over all rows, top N
+    plot     the results picture
+    engine   the commands' two jobs as library calls
+    cli      shared command-line plumbing (one-line errors, exit codes)
+
+Importing this package is cheap: TensorFlow loads only when a model is built.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    DatasetError,
+    FeaturesFileError,
+    ImageReadError,
+    ModelMismatchError,
+    SearchUtilsError,
+    UnknownModelError,
+    WeightsUnavailableError,
+)
+from .images import IMAGE_EXTENSIONS, find_images, load_image  # noqa: E402
+from .models import MODELS, FeatureExtractor, ModelSpec, get_model_spec, load_extractor  # noqa: E402
+from .search import METRICS, chi2_distance, distances, search, top_n  # noqa: E402
+from .store import FeatureStore, load_features, metadata_path, save_features  # noqa: E402
+
+__all__ = [
+    "DatasetError", "FeaturesFileError", "ImageReadError", "ModelMismatchError",
+    "SearchUtilsError", "UnknownModelError", "WeightsUnavailableError",
+    "IMAGE_EXTENSIONS", "find_images", "load_image",
+    "MODELS", "FeatureExtractor", "ModelSpec", "get_model_spec", "load_extractor",
+    "METRICS", "chi2_distance", "distances", "search", "top_n",
+    "FeatureStore", "load_features", "metadata_path", "save_features",
+]

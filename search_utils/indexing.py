@@ -1,0 +1,72 @@
+"""Turning a list of image files into features, batch by batch.
+
+Decoding and resizing the next batch runs in a background thread while the
+model works on the current one (Pillow and TensorFlow both release the GIL),
+so the model is never left waiting for the disk.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import ImageReadError
+from .images import load_images
+from .models import FeatureExtractor, Features
+
+
+@dataclass
+class EmbeddingResult:
+    """Features of the images that could be read, and why the rest couldn't."""
+
+    paths: list[str]
+    features: Features
+    skipped: list[ImageReadError] = field(default_factory=list)
+
+
+def embed_images(
+    paths: Sequence[str],
+    extractor: FeatureExtractor,
+    batch_size: int = 32,
+    on_progress: Callable[[int], None] | None = None,
+    on_skip: Callable[[ImageReadError], None] | None = None,
+) -> EmbeddingResult:
+    """Embed `paths` in order, skipping files that can't be read.
+
+    Args:
+        on_progress: called with the number of files finished after each batch.
+        on_skip: called once for each file that is skipped, as it happens.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    spec = extractor.spec
+
+    def load(batch_paths: Sequence[str]):
+        return load_images(batch_paths, size=spec.input_size, interpolation=spec.resize)
+
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    kept: list[str] = []
+    chunks: list[Features] = []
+    skipped: list[ImageReadError] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for index, batch_paths in enumerate(batches):
+            good, arrays, errors = pending.result()
+            if index + 1 < len(batches):
+                pending = pool.submit(load, batches[index + 1])
+            for error in errors:
+                skipped.append(error)
+                if on_skip:
+                    on_skip(error)
+            if arrays:
+                chunks.append(extractor.embed(np.stack(arrays)))
+                kept.extend(good)
+            if on_progress:
+                on_progress(len(batch_paths))
+    features = (
+        np.concatenate(chunks) if chunks else np.zeros((0, spec.feature_dim), np.float32)
+    )
+    return EmbeddingResult(kept, features, skipped)
