@@ -12,7 +12,7 @@ import sys
 from search_utils import cli, plot
 from search_utils.engine import query_features, store_model
 from search_utils.models import MODELS, load_extractor
-from search_utils.search import DEFAULT_METRIC, METRICS, search
+from search_utils.search import DEFAULT_METRIC, METRICS, nearest
 from search_utils.store import load_features
 
 DEFAULT_PICTURE = "search_results.png"
@@ -42,15 +42,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     store = load_features(args.featuresPath)
     model = store_model(store, args.model)
-    if model.assumed:
-        print(f"note: {args.featuresPath} has no metadata file; assuming the post's "
-              f"{model.spec.name} features", file=sys.stderr)
     weights = args.weights or model.weights
     query, reused = query_features(store, args.query, model.spec,
                                    lambda: load_extractor(model.spec, weights))
+    if model.assumed:
+        print(f"note: {args.featuresPath} has no metadata file; took it for the post's "
+              f"{model.spec.name} features", file=sys.stderr)
     if not reused:
         print(f"embedded the query with {model.spec.name}", file=sys.stderr)
-    hits = search(store.features, store.paths, query, args.numResults, args.metric)
+    hits = nearest(store.features, store.paths, query, args.numResults, args.metric)
     print_results(args, hits)
     show_picture(args, hits)
     return 0
