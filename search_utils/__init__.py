@@ -26,7 +26,7 @@ from .errors import (  # noqa: E402
 )
 from .images import IMAGE_EXTENSIONS, find_images, load_image  # noqa: E402
 from .models import MODELS, FeatureExtractor, ModelSpec, get_model_spec, load_extractor  # noqa: E402
-from .search import METRICS, chi2_distance, distances, search, top_n  # noqa: E402
+from .search import METRICS, chi2_distance, distances, nearest, top_n  # noqa: E402
 from .store import FeatureStore, load_features, metadata_path, save_features  # noqa: E402
 
 __all__ = [
@@ -34,6 +34,6 @@ __all__ = [
     "SearchUtilsError", "UnknownModelError", "WeightsUnavailableError",
     "IMAGE_EXTENSIONS", "find_images", "load_image",
     "MODELS", "FeatureExtractor", "ModelSpec", "get_model_spec", "load_extractor",
-    "METRICS", "chi2_distance", "distances", "search", "top_n",
+    "METRICS", "chi2_distance", "distances", "nearest", "top_n",
     "FeatureStore", "load_features", "metadata_path", "save_features",
 ]

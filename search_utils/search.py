@@ -96,7 +96,7 @@ class SearchHit:
     path: str
 
 
-def search(
+def nearest(
     features: np.ndarray,
     paths: Sequence[str],
     query: np.ndarray,
