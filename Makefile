@@ -1,0 +1,32 @@
+# make setup | demo | test        (WEIGHTS=path/to/resnet50 weights file, optional)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WEIGHTS ?=
+QUERY ?= search.jpg
+
+.PHONY: setup setup-dev demo test clean
+
+setup: $(VENV)/.installed
+
+setup-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+demo: setup
+	$(PY) create_imagenet_features.py --dataset icons --output imagenet_features.csv $(if $(WEIGHTS),--weights $(WEIGHTS))
+	$(PY) imagenet_search.py --query $(QUERY) --featuresPath imagenet_features.csv --save results.png
+
+test: setup-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) imagenet_features.csv imagenet_features.csv.meta.json results.png search_results.png
