@@ -31,6 +31,7 @@ Features = npt.NDArray[np.float32]  # (n, feature_dim)
 Batch = npt.NDArray[np.uint8]  # (n, height, width, 3), RGB 0..255
 
 IMAGENET = "imagenet"  # weights downloaded by Keras on first use
+PACKAGED = "packaged"  # weights installed by pip with a Python package
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,18 @@ def _resnet50_preprocess(batch: Batch) -> np.ndarray:
     return preprocess_input(batch.astype(np.float32))
 
 
+def _efficientnet_lite0(weights: Any):
+    from .efficientnet_lite import build_efficientnet_lite0
+
+    return build_efficientnet_lite0(weights=weights)
+
+
+def _efficientnet_lite0_preprocess(batch: Batch) -> np.ndarray:
+    from .efficientnet_lite import preprocess
+
+    return preprocess(batch)
+
+
 def _efficientnetv2_b0(weights: Any):
     import keras
 
@@ -111,6 +124,15 @@ MODELS: dict[str, ModelSpec] = {
             preprocess=_resnet50_preprocess,
             feature_dim=2048,
             preprocessing="keras.applications.resnet50.preprocess_input (caffe: RGB->BGR, ImageNet mean subtracted)",
+        ),
+        ModelSpec(
+            name="efficientnet_lite0",
+            build=_efficientnet_lite0,
+            preprocess=_efficientnet_lite0_preprocess,
+            feature_dim=1280,
+            resize="bilinear",
+            preprocessing="(x - 127) / 128 on RGB 0..255",
+            default_weights=PACKAGED,
         ),
         ModelSpec(
             name="efficientnetv2_b0",

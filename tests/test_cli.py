@@ -179,3 +179,24 @@ def test_search_errors_are_one_line(small_features, args, fragments):
     result = run_command(SEARCH, *args, cwd=small_features)
     assert_one_line_error(result, *fragments)
     assert result.stdout == ""
+
+
+def test_offline_model_end_to_end(tmp_path, dataset):
+    """efficientnet_lite0 indexes and searches with no network and no --weights."""
+    root, files = dataset
+    result = run_command(INDEX, "--dataset", root, "--output", tmp_path / "lite.csv",
+                         "--model", "efficientnet_lite0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "lite.csv.meta.json").read_text())
+    assert (meta["model"], meta["feature_dim"], meta["weights"]) == ("efficientnet_lite0", 1280, "packaged")
+    outside = tmp_path / "query.png"
+    shutil.copy(root / "sub" / "icon.png", outside)
+    result = run_command(SEARCH, "--query", outside, "--featuresPath", tmp_path / "lite.csv",
+                         "--json", "--no-plot", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    top = json.loads(result.stdout)["results"][0]
+    assert top["path"].endswith("sub/icon.png") and top["distance"] < 1e-4
+    assert "embedded the query with efficientnet_lite0" in result.stderr
+    refused = run_command(SEARCH, "--query", outside, "--featuresPath", tmp_path / "lite.csv",
+                          "--model", "resnet50", cwd=tmp_path)
+    assert_one_line_error(refused, "made with efficientnet_lite0, not resnet50")
