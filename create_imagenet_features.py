@@ -20,7 +20,7 @@ def parse_args(argv):
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
                         help=f"backbone (default: {DEFAULT_MODEL}, the post's)")
     parser.add_argument("--weights", metavar="PATH",
-                        help="local weights file, for machines without internet (default: download ImageNet weights)")
+                        help="local weights file, for machines without internet (default: the model's own: Keras downloads ImageNet weights; efficientnet_lite0's come with pip)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default: 32)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

@@ -99,12 +99,16 @@ def test_awkward_file_names_survive_to_the_results(indexed):
     assert json.loads(result.stdout)["results"][0]["path"] == f"images/{AWKWARD_NAME}"
 
 
-def test_failed_download_names_the_file_the_cache_and_the_option(dataset, tmp_path):
+@pytest.mark.parametrize(
+    "model, wanted",
+    [("resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+     ("efficientnetv2_b0", "efficientnetv2-b0_notop.h5")],  # any Keras application entry
+)
+def test_failed_download_names_the_file_the_cache_and_the_option(dataset, tmp_path, model, wanted):
     root, _ = dataset
-    result = run_command(INDEX, "--dataset", root, "--output", tmp_path / "f.csv", cwd=tmp_path)
+    result = run_command(INDEX, "--dataset", root, "--output", tmp_path / "f.csv", "--model", model, cwd=tmp_path)
     assert result.returncode == 2
-    assert_one_line_error(result, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                          str(tmp_path / "keras_home" / "models"), "--weights")
+    assert_one_line_error(result, f"weights of {model}", wanted, str(tmp_path / "keras_home" / "models"), "--weights")
     assert not (tmp_path / "f.csv").exists()
 
 
