@@ -12,7 +12,8 @@ import sys
 from search_utils import cli, plot
 from search_utils.engine import query_features, store_model
 from search_utils.models import MODELS, load_extractor
-from search_utils.search import DEFAULT_METRIC, METRICS, nearest
+from search_utils.modes import DEFAULT_MODE, MODES, search_space
+from search_utils.search import nearest
 from search_utils.store import load_features
 
 DEFAULT_PICTURE = "search_results.png"
@@ -23,8 +24,11 @@ def parse_args(argv):
     parser.add_argument("-q", "--query", required=True, help="query image")
     parser.add_argument("-f", "--featuresPath", required=True, help="features file made by create_imagenet_features.py")
     parser.add_argument("-n", "--numResults", type=int, default=5, help="how many results (default: 5)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=list(METRICS),
-                        help=f"distance (default: {DEFAULT_METRIC}, the post's)")
+    parser.add_argument("--metric", default=DEFAULT_MODE, choices=list(MODES),
+                        help=f"search mode (default: {DEFAULT_MODE}, the post's); "
+                             "whitened: the best measured, see README")
+    parser.add_argument("--keep-duplicates", action="store_true",
+                        help="list copies of the same image separately (default: one entry with its copies)")
     parser.add_argument("--model", choices=sorted(MODELS),
                         help="expected model; refuse a features file made with another")
     parser.add_argument("--weights", metavar="PATH",
@@ -50,7 +54,9 @@ def main(argv=None) -> int:
               f"{model.spec.name} features", file=sys.stderr)
     if not reused:
         print(f"embedded the query with {model.spec.name}", file=sys.stderr)
-    hits = nearest(store.features, store.paths, query, args.numResults, args.metric)
+    space = search_space(store, args.metric)
+    hits = nearest(space.vectors, store.paths, space.to_space(query), args.numResults,
+                   space.metric, collapse=not args.keep_duplicates)
     print_results(args, hits)
     show_picture(args, hits)
     return 0
@@ -58,13 +64,21 @@ def main(argv=None) -> int:
 
 def print_results(args, hits) -> None:
     if args.json:
-        results = [{"rank": h.rank, "distance": h.distance, "path": h.path} for h in hits]
+        results = [{"rank": h.rank, "distance": h.distance, "path": h.path, "copies": list(h.copies)}
+                   for h in hits]
         print(json.dumps({"query": args.query, "metric": args.metric, "results": results}, indent=2))
         return
     width = max([8] + [len(f"{h.distance:.4f}") for h in hits])
     print(f"rank  {'distance':>{width}}  path")
     for h in hits:
-        print(f"{h.rank:>4}  {h.distance:>{width}.4f}  {h.path}")
+        print(f"{h.rank:>4}  {h.distance:>{width}.4f}  {h.path}{copies_note(h)}")
+
+
+def copies_note(hit) -> str:
+    if not hit.copies:
+        return ""
+    noun = "copy" if len(hit.copies) == 1 else "copies"
+    return f"  (+{len(hit.copies)} {noun}: {', '.join(hit.copies)})"
 
 
 def show_picture(args, hits) -> None:

@@ -21,6 +21,7 @@ from .errors import DatasetError, ModelMismatchError
 from .images import find_images, load_image
 from .indexing import EmbeddingResult, embed_images
 from .models import DEFAULT_MODEL, FeatureExtractor, ModelSpec, get_model_spec
+from .modes import learn_whitening, whitening_input
 from .search import find_row
 from .store import FORMAT_VERSION, FeatureStore, save_features
 
@@ -71,8 +72,18 @@ def index_folder(
             f"none of the {len(paths)} image files in {dataset} could be read; nothing written"
         )
     metadata = features_metadata(extractor, dataset)
-    save_features(output, FeatureStore(result.paths, result.features, metadata))
+    save_features(output, FeatureStore(result.paths, result.features, metadata, whitening_arrays(result.features)))
     return IndexReport(result, seconds, output)
+
+
+def whitening_arrays(features: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Learn the "whitened" search mode's transform from the collection and
+    apply it to every row now, so that mode costs nothing extra per query."""
+    if len(features) < 3:
+        return None
+    whitening = learn_whitening(features)
+    vectors = whitening.apply(whitening_input(features))
+    return {**whitening.to_arrays(), "vectors": vectors}
 
 
 def features_metadata(extractor: FeatureExtractor, dataset: str) -> dict:

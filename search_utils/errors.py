@@ -40,3 +40,7 @@ class WeightsUnavailableError(SearchUtilsError):
     """Pretrained weights can't be downloaded or read."""
 
     exit_code = 2
+
+
+class LabelsError(SearchUtilsError):
+    """A labels file for evaluation is unreadable or matches nothing."""

@@ -73,7 +73,7 @@ def load_image(
     path: str,
     size: tuple[int, int] = (224, 224),
     interpolation: str = "nearest",
-    background: tuple[int, int, int] = WHITE,
+    background: tuple[int, int, int] | None = WHITE,
 ) -> RGBImage:
     """Open one image as an RGB uint8 array of shape (size[0], size[1], 3).
 
@@ -108,12 +108,15 @@ def load_image(
         raise ImageReadError(path, _describe(error)) from None
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Orient by EXIF, composite transparency on `background`, return RGB."""
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = WHITE) -> Image.Image:
+    """Orient by EXIF, composite transparency on `background`, return RGB.
+
+    `background=None` drops the alpha channel as the post's recipe does,
+    exposing whatever colour hides under transparent pixels."""
     img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         img = _to_8bit(img)
-    if has_transparency(img):
+    if has_transparency(img) and background is not None:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, background + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")

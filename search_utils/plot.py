@@ -41,7 +41,7 @@ def results_figure(query_path: str, hits: Sequence[SearchHit], columns: int = CO
 
     rows, cols = grid_shape(len(hits), columns)
     figure = Figure(figsize=(cols * CELL_INCHES[0], rows * CELL_INCHES[1]), dpi=DPI)
-    cells = [(query_path, "query")] + [(h.path, f"dist: {h.distance:.2f}") for h in hits]
+    cells = [(query_path, "query")] + [(h.path, _label(h)) for h in hits]
     for index in range(rows * cols):
         axes = figure.add_subplot(rows, cols, index + 1)
         axes.axis("off")
@@ -50,6 +50,11 @@ def results_figure(query_path: str, hits: Sequence[SearchHit], columns: int = CO
             _draw(axes, path, title)
     figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92, wspace=0.1, hspace=0.25)
     return figure
+
+
+def _label(hit: SearchHit) -> str:
+    copies = f" (+{len(hit.copies)} copies)" if hit.copies else ""
+    return f"dist: {hit.distance:.2f}{copies}"
 
 
 def _draw(axes, path: str, title: str) -> None:

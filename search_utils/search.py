@@ -1,7 +1,6 @@
 """Distances from one query to every stored feature vector, and the top N.
 
-Pure functions over arrays. Rows are processed in chunks so memory stays at
-the size of the features plus O(N), whatever the collection size.
+Pure functions over arrays; the per-row arithmetic lives in kernels.py.
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ from typing import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from . import kernels
+
 CHI2_EPS = 1e-10  # the post's eps
-CHUNK_ROWS = 2048  # rows per chunk: a few MB of float64 temporaries
 
 Distances = npt.NDArray[np.float64]  # (n,)
 
@@ -27,28 +27,26 @@ def chi2_distance(a: np.ndarray, b: np.ndarray, eps: float = CHI2_EPS) -> float:
     return float(0.5 * np.sum((a - b) ** 2 / (a + b + eps)))
 
 
-def _chi2_chunk(rows: np.ndarray, query: np.ndarray) -> Distances:
-    diff = rows - query
-    return 0.5 * np.sum(diff * diff / (rows + query + CHI2_EPS), axis=1)
+def _chi2(rows: np.ndarray, query: np.ndarray) -> Distances:
+    return kernels.chi2_rows(rows, query)
 
 
-def _euclidean_chunk(rows: np.ndarray, query: np.ndarray) -> Distances:
-    diff = rows - query
-    return np.sqrt(np.sum(diff * diff, axis=1))
+def _euclidean(rows: np.ndarray, query: np.ndarray) -> Distances:
+    return np.sqrt(kernels.squared_euclidean_rows(rows, query))
 
 
-def _cosine_chunk(rows: np.ndarray, query: np.ndarray) -> Distances:
+def _cosine(rows: np.ndarray, query: np.ndarray) -> Distances:
     # 1 - cos(angle); a zero vector is at distance 1 from everything.
-    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(query)
-    dots = rows @ query
+    dot_norm = kernels.dot_and_norm_rows(rows, query)
+    norms = np.sqrt(dot_norm[:, 1]) * np.linalg.norm(query.astype(np.float64))
     safe = np.where(norms > 0, norms, 1.0)
-    return np.where(norms > 0, 1.0 - dots / safe, 1.0)
+    return np.where(norms > 0, 1.0 - dot_norm[:, 0] / safe, 1.0)
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], Distances]] = {
-    "chi2": _chi2_chunk,
-    "cosine": _cosine_chunk,
-    "euclidean": _euclidean_chunk,
+    "chi2": _chi2,
+    "cosine": _cosine,
+    "euclidean": _euclidean,
 }
 DEFAULT_METRIC = "chi2"
 
@@ -56,23 +54,18 @@ DEFAULT_METRIC = "chi2"
 def distances(features: np.ndarray, query: np.ndarray, metric: str = DEFAULT_METRIC) -> Distances:
     """Distance from `query` (dim,) to every row of `features` (n, dim).
 
-    Computed in float64, CHUNK_ROWS rows at a time, never holding more
-    than one chunk of temporaries.
+    One fused pass over the rows (see kernels.py): float32 arithmetic,
+    float64 sums, memory of O(n) beyond the features themselves.
 
     Raises:
         ValueError: unknown metric or mismatched dimensions.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    query = np.asarray(query, dtype=np.float64).ravel()
+    query = np.asarray(query, dtype=np.float32).ravel()
     if features.ndim != 2 or features.shape[1] != query.shape[0]:
         raise ValueError(f"query has {query.shape[0]} values, features have shape {features.shape}")
-    kernel = METRICS[metric]
-    out = np.empty(len(features), dtype=np.float64)
-    for start in range(0, len(features), CHUNK_ROWS):
-        chunk = np.asarray(features[start : start + CHUNK_ROWS], dtype=np.float64)
-        out[start : start + len(chunk)] = kernel(chunk, query)
-    return out
+    return METRICS[metric](kernels.as_rows(features), query)
 
 
 def top_n(dist: Distances, n: int) -> npt.NDArray[np.intp]:
@@ -94,6 +87,12 @@ class SearchHit:
     rank: int
     distance: float
     path: str
+    copies: tuple[str, ...] = ()  # other paths holding the same image
+
+
+# Two rows are copies of one image when their features agree to this
+# relative L1 difference: identical pixels give identical features.
+DUPLICATE_TOLERANCE = 1e-5
 
 
 def nearest(
@@ -102,13 +101,54 @@ def nearest(
     query: np.ndarray,
     n: int = 5,
     metric: str = DEFAULT_METRIC,
+    collapse: bool = False,
 ) -> list[SearchHit]:
-    """The `n` stored images nearest to `query`, nearest first."""
+    """The `n` stored images nearest to `query`, nearest first.
+
+    With `collapse`, copies of one image (identical features) make one hit
+    that lists the other paths in `copies`.
+    """
     dist = distances(features, query, metric)
+    if not collapse:
+        return [SearchHit(rank, float(dist[i]), paths[i]) for rank, i in enumerate(top_n(dist, n), start=1)]
+    groups = duplicate_groups(features, dist, n)
     return [
-        SearchHit(rank, float(dist[i]), paths[i])
-        for rank, i in enumerate(top_n(dist, n), start=1)
+        SearchHit(rank, float(dist[group[0]]), paths[group[0]], tuple(paths[j] for j in group[1:]))
+        for rank, group in enumerate(groups, start=1)
     ]
+
+
+def duplicate_groups(features: np.ndarray, dist: Distances, n: int) -> list[list[int]]:
+    """The `n` nearest distinct images, each as [row, *rows of its copies].
+
+    Copies have (nearly) the same distance to any query, so only rows whose
+    distance is within a hair of a hit's are compared with it.
+    """
+    groups: list[list[int]] = []
+    taken = np.zeros(len(dist), dtype=bool)
+    window = min(len(dist), 4 * n + 16)
+    seen = 0
+    while len(groups) < n and seen < len(dist):
+        order = top_n(dist, window)
+        for row in order[seen:]:
+            if not taken[row]:
+                group = _copies_of(features, dist, row, taken)
+                taken[group] = True
+                groups.append(group)
+                if len(groups) == n:
+                    break
+        seen, window = len(order), min(len(dist), window * 2)
+    return groups
+
+
+def _copies_of(features: np.ndarray, dist: Distances, row: int, taken: np.ndarray) -> list[int]:
+    near = np.abs(dist - dist[row]) <= 1e-4 * abs(dist[row]) + 1e-9
+    candidates = np.flatnonzero(near & ~taken)
+    reference = features[row].astype(np.float64)
+    scale = np.abs(reference).sum() or 1.0
+    same = [j for j in candidates
+            if j == row or np.abs(features[j] - reference).sum() <= DUPLICATE_TOLERANCE * scale]
+    return [row] + sorted(j for j in same if j != row)
 
 
 def absolute_path(path: str, base_dir: str | None = None) -> str:

@@ -27,6 +27,7 @@ import pandas as pd
 from .errors import FeaturesFileError
 
 METADATA_SUFFIX = ".meta.json"
+WHITENING_SUFFIX = ".whitening.npz"
 FORMAT_VERSION = 1
 # Non-UTF-8 bytes in file names survive as surrogates (os.fsdecode) and must
 # survive the trip through the text file too.
@@ -38,12 +39,25 @@ class FeatureStore:
     """Features in memory: row i of `features` belongs to `paths[i]`.
 
     `metadata` is {} for a file without metadata (e.g. written by the
-    post's original script).
+    post's original script). `whitening_arrays` holds a whitening learned
+    at index time ("mean", "projection", and "vectors": the whitened rows),
+    or None.
     """
 
     paths: list[str]
     features: np.ndarray  # (n, dim) float32
     metadata: dict = field(default_factory=dict)
+    whitening_arrays: dict[str, np.ndarray] | None = None
+
+    @property
+    def whitening(self):
+        from .transforms import Whitening
+
+        return None if self.whitening_arrays is None else Whitening.from_arrays(self.whitening_arrays)
+
+    @property
+    def whitened_vectors(self) -> np.ndarray | None:
+        return None if self.whitening_arrays is None else self.whitening_arrays["vectors"]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,14 +72,20 @@ def metadata_path(features_path: str) -> str:
     return features_path + METADATA_SUFFIX
 
 
+def whitening_path(features_path: str) -> str:
+    """The learned-whitening file that belongs to `features_path`."""
+    return features_path + WHITENING_SUFFIX
+
+
 @contextlib.contextmanager
-def atomic_write(path: str, newline: str | None = None) -> Iterator[IO[str]]:
+def atomic_write(path: str, newline: str | None = None, binary: bool = False) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success, flush it
     to disk and rename it over `path`. On any error `path` is untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    text = {} if binary else {"encoding": "utf-8", "errors": ENCODING_ERRORS, "newline": newline}
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors=ENCODING_ERRORS, newline=newline) as handle:
+        with os.fdopen(fd, "wb" if binary else "w", **text) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -91,6 +111,11 @@ def save_features(path: str, store: FeatureStore) -> None:
         writer = csv.writer(handle, lineterminator="\n")
         for image_path, row in zip(store.paths, text):
             writer.writerow([image_path, *row])
+    if store.whitening_arrays is not None:
+        with atomic_write(whitening_path(path), binary=True) as handle:
+            np.savez(handle, **store.whitening_arrays)
+    elif os.path.exists(whitening_path(path)):
+        os.unlink(whitening_path(path))  # it belonged to the file just replaced
     metadata = {**store.metadata, "count": len(store.paths), "feature_dim": int(features.shape[1])}
     with atomic_write(metadata_path(path)) as handle:
         json.dump(metadata, handle, indent=2, sort_keys=True)
@@ -111,7 +136,21 @@ def load_features(path: str) -> FeatureStore:
     paths, features = _read_csv(path)
     metadata = read_metadata(path)
     _check_metadata(path, metadata, features)
-    return FeatureStore(paths, features, metadata)
+    return FeatureStore(paths, features, metadata, _read_whitening(path, features))
+
+
+def _read_whitening(path: str, features: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The stored whitening, or None if absent or not for these features
+    (then it is learned again when needed)."""
+    try:
+        with np.load(whitening_path(path)) as data:
+            arrays = {key: data[key] for key in ("mean", "projection", "vectors")}
+    except (OSError, KeyError, ValueError):
+        return None
+    fits = (arrays["mean"].shape == (features.shape[1],)
+            and arrays["projection"].shape[0] == features.shape[1]
+            and arrays["vectors"].shape == (len(features), arrays["projection"].shape[1]))
+    return arrays if fits else None
 
 
 def read_metadata(features_path: str) -> dict:

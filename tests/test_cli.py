@@ -204,3 +204,32 @@ def test_offline_model_end_to_end(tmp_path, dataset):
     refused = run_command(SEARCH, "--query", outside, "--featuresPath", tmp_path / "lite.csv",
                           "--model", "resnet50", cwd=tmp_path)
     assert_one_line_error(refused, "made with efficientnet_lite0, not resnet50")
+
+
+def test_copies_of_one_image_collapse_into_one_result(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    picture = draw_picture(5)
+    picture.save(folder / "a.png")
+    shutil.copy(folder / "a.png", folder / "b copy.png")
+    picture.save(folder / "c resaved.png", compress_level=1)  # same pixels, other bytes
+    assert (folder / "c resaved.png").read_bytes() != (folder / "a.png").read_bytes()
+    for i in range(3):
+        draw_picture(20 + i).save(folder / f"other{i}.png")
+    indexed = run_command(INDEX, "--dataset", "imgs", "--output", "f.csv", "--model", "efficientnet_lite0", cwd=tmp_path)
+    assert indexed.returncode == 0, indexed.stderr
+
+    result = run_command(SEARCH, "--query", "imgs/a.png", "--featuresPath", "f.csv", "-n", "3", "--json", "--no-plot",
+                         cwd=tmp_path)
+    hits = json.loads(result.stdout)["results"]
+    assert hits[0]["path"] == "imgs/a.png"
+    assert hits[0]["copies"] == ["imgs/b copy.png", "imgs/c resaved.png"]
+    assert [h["path"].startswith("imgs/other") for h in hits[1:]] == [True, True]
+
+    table = run_command(SEARCH, "--query", "imgs/a.png", "--featuresPath", "f.csv", "-n", "3", "--no-plot", cwd=tmp_path)
+    assert "(+2 copies: imgs/b copy.png, imgs/c resaved.png)" in table.stdout.splitlines()[1]
+
+    every = run_command(SEARCH, "--query", "imgs/a.png", "--featuresPath", "f.csv", "-n", "3", "--json", "--no-plot",
+                        "--keep-duplicates", cwd=tmp_path)
+    paths = [h["path"] for h in json.loads(every.stdout)["results"]]
+    assert paths == ["imgs/a.png", "imgs/b copy.png", "imgs/c resaved.png"]
