@@ -10,7 +10,7 @@ import sys
 
 from search_utils import cli
 from search_utils.engine import index_folder, list_dataset
-from search_utils.models import DEFAULT_MODEL, MODELS, get_model_spec, load_extractor
+from search_utils.models import DEFAULT_MODEL, MODELS, PRECISIONS, bf16_supported, get_model_spec, load_extractor
 
 
 def parse_args(argv):
@@ -21,6 +21,9 @@ def parse_args(argv):
                         help=f"backbone (default: {DEFAULT_MODEL}, the post's)")
     parser.add_argument("--weights", metavar="PATH",
                         help="local weights file, for machines without internet (default: the model's own: Keras downloads ImageNet weights; efficientnet_lite0's come with pip)")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="float32 (default: features identical to the post's) or bf16 "
+                             "(faster on CPUs with bfloat16 instructions; features within about 1%%)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default: 32)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -39,7 +42,11 @@ def main(argv=None) -> int:
 
     spec = get_model_spec(args.model)
     paths = list_dataset(args.dataset)  # fail fast, before the model loads
-    extractor = load_extractor(spec, args.weights)
+    precision = args.precision
+    if precision == "bf16" and not bf16_supported():
+        print("note: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): using float32", file=sys.stderr)
+        precision = "float32"
+    extractor = load_extractor(spec, args.weights, precision)
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.quiet,
               desc="indexing", dynamic_ncols=True) as bar:
         def skip(error):

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     model = store_model(store, args.model)
     weights = args.weights or model.weights
     query, reused = query_features(store, args.query, model.spec,
-                                   lambda: load_extractor(model.spec, weights))
+                                   lambda: load_extractor(model.spec, weights, model.precision))
     if model.assumed:
         print(f"note: {args.featuresPath} has no metadata file; took it for the post's "
               f"{model.spec.name} features", file=sys.stderr)

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from search_utils import models  # noqa: E402
-from search_utils.evaluation import evaluate, labels_from_records, read_label_records  # noqa: E402
+from search_utils.evaluation import Labels, evaluate, labels_from_records, read_label_records  # noqa: E402
 from search_utils.images import WHITE, load_image  # noqa: E402
 from search_utils.transforms import Whitening, l1_normalise, l2_normalise, signed_sqrt  # noqa: E402
 
@@ -43,6 +43,12 @@ PREPROCESSING = [
     ("alpha on white, bilinear, flip-averaged", WHITE, "bilinear", True),
 ]
 GEM_P = 3.0
+# The preprocessing each model's registry entry uses (for the size table).
+DEFAULT_PREPROCESSING = {
+    "efficientnet_lite0": "alpha on white, bilinear",
+    "resnet50": "alpha on white, nearest",
+    "efficientnetv2_b0": "alpha on white, bilinear",
+}
 
 
 def feature_map_model(spec, weights):
@@ -97,35 +103,62 @@ def score(vectors, labels, metric):
     return result["P@1"], result["mAP"]
 
 
-# Post-processing: name -> (transform(features) -> vectors, metric)
-def postprocessing(whiten_dims):
-    def whiten(prep, dims, shrink=0.0):
-        def apply(x):
-            prepared = prep(x)
-            return Whitening.fit(prepared, dims, shrink).apply(prepared)
-        return apply
+def whitened(prepare, dims=None, shrinkage=0.0):
+    """Transform: `prepare`, then PCA whitening learned on the same vectors."""
+    def apply(x):
+        prepared = prepare(x)
+        return Whitening.fit(prepared, dims, shrinkage).apply(prepared)
+    return apply
 
-    hellinger = lambda x: np.sqrt(l1_normalise(np.maximum(x, 0)))  # noqa: E731
-    sqrt_l2 = lambda x: l2_normalise(signed_sqrt(x))  # noqa: E731
-    table = {
-        "raw, chi2 (the post)": (lambda x: x, "chi2"),
-        "raw, cosine": (lambda x: x, "cosine"),
-        "raw, euclidean": (lambda x: x, "euclidean"),
-        "L1, chi2": (l1_normalise, "chi2"),
-        "L1, euclidean": (l1_normalise, "euclidean"),
-        "L2, euclidean (= cosine ranking)": (l2_normalise, "euclidean"),
-        "L2, chi2": (l2_normalise, "chi2"),
-        "signed sqrt + L2, cosine": (sqrt_l2, "cosine"),
-        "signed sqrt + L2, chi2": (sqrt_l2, "chi2"),
-        "Hellinger (sqrt of L1), euclidean": (hellinger, "euclidean"),
-    }
-    for dims in whiten_dims:
-        label = "all" if dims is None else str(dims)
-        table[f"L2 + PCA-whiten {label}, cosine"] = (whiten(l2_normalise, dims), "cosine")
-        table[f"signed sqrt + L2 + PCA-whiten {label}, cosine"] = (whiten(sqrt_l2, dims), "cosine")
-    for shrink in (0.1, 1.0):
-        table[f"signed sqrt + L2 + PCA-whiten all, shrinkage {shrink}, cosine"] = (whiten(sqrt_l2, None, shrink), "cosine")
-    return table
+
+def sqrt_l2(x):
+    return l2_normalise(signed_sqrt(x))
+
+
+def hellinger(x):
+    return np.sqrt(l1_normalise(np.maximum(x, 0)))
+
+
+RAW = (lambda x: x, "chi2")
+# Post-processing: name -> (transform(features) -> vectors, distance)
+POSTPROCESSING = {
+    "raw, chi2 (the post)": RAW,
+    "raw, cosine": (lambda x: x, "cosine"),
+    "raw, euclidean": (lambda x: x, "euclidean"),
+    "L1, chi2": (l1_normalise, "chi2"),
+    "L1, euclidean": (l1_normalise, "euclidean"),
+    "L2, chi2": (l2_normalise, "chi2"),
+    "L2, euclidean (ranks as cosine)": (l2_normalise, "euclidean"),
+    "signed sqrt + L2, chi2": (sqrt_l2, "chi2"),
+    "signed sqrt + L2, cosine": (sqrt_l2, "cosine"),
+    "Hellinger (sqrt of L1), euclidean": (hellinger, "euclidean"),
+    "L2 + whitening, cosine": (whitened(l2_normalise), "cosine"),
+    "L2 + whitening (shrinkage 0.3), cosine": (whitened(l2_normalise, shrinkage=0.3), "cosine"),
+    "signed sqrt + L2 + whitening, cosine": (whitened(sqrt_l2), "cosine"),
+    "signed sqrt + L2 + whitening 256 dims, cosine": (whitened(sqrt_l2, dims=256), "cosine"),
+    "signed sqrt + L2 + whitening (shrinkage 0.1), cosine": (whitened(sqrt_l2, shrinkage=0.1), "cosine"),
+    "signed sqrt + L2 + whitening (shrinkage 0.3), cosine": (whitened(sqrt_l2, shrinkage=0.3), "cosine"),
+    "signed sqrt + L2 + whitening (shrinkage 1.0), cosine": (whitened(sqrt_l2, shrinkage=1.0), "cosine"),
+}
+# What the combined rows and the collection-size table try.
+COMBINED = ["raw, chi2 (the post)", "signed sqrt + L2, cosine",
+            "signed sqrt + L2 + whitening, cosine", "signed sqrt + L2 + whitening (shrinkage 0.3), cosine"]
+SIZES = [30, 75, 250]  # emoji per subset (x about 4 images each)
+
+
+def table(title, rows):
+    lines = [f"### {title}", "", "| preprocessing | pooling | features, distance | P@1 | mAP |", "|---|---|---|---|---|"]
+    lines += [f"| {pre} | {pool} | {post} | {p1:.3f} | {m_ap:.3f} |" for pre, pool, post, p1, m_ap in rows]
+    return "\n".join(lines) + "\n"
+
+
+def subset_rows(records, seed=0):
+    """Row indices of random subsets holding SIZES[i] emoji each."""
+    labels = sorted({r["label"] for r in records})
+    rng = np.random.default_rng(seed)
+    for count in SIZES:
+        chosen = set(rng.choice(labels, count, replace=False))
+        yield [i for i, r in enumerate(records) if r["label"] in chosen]
 
 
 def main(argv=None) -> int:
@@ -151,37 +184,35 @@ def main(argv=None) -> int:
         features[(name, "avg")] = avg
         features[(name, "GeM")] = gem
 
-    rows = []
-
-    def add(pre, pool, post, transform, metric):
+    def measure(pre, pool, post, rows=None):
+        transform, metric = POSTPROCESSING[post]
+        vectors = features[(pre, pool)] if rows is None else features[(pre, pool)][rows]
+        subset = labels if rows is None else Labels([labels.labels[i] for i in rows], [labels.groups[i] for i in rows])
         start = time.perf_counter()
-        p1, m_ap = score(transform(features[(pre, pool)]), labels, metric)
-        rows.append((pre, pool, post, p1, m_ap))
-        print(f"  {pre} | {pool} | {post}: P@1 {p1:.3f} mAP {m_ap:.3f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        p1, m_ap = score(transform(vectors), subset, metric)
+        print(f"  {pre} | {pool} | {post} | {len(vectors)}: P@1 {p1:.3f} mAP {m_ap:.3f} "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        return pre, pool, post, p1, m_ap
 
-    post_all = postprocessing([64, 128, 256, 512, None])
-    baseline_pre = PREPROCESSING[0][0]
-    # Each preprocessing and pooling alone, with the post's distance.
-    for name, *_ in PREPROCESSING:
-        for pool in ("avg", "GeM"):
-            add(name, pool, "raw, chi2 (the post)", *post_all["raw, chi2 (the post)"])
-    # Each normalisation / distance / whitening alone, on the post's preprocessing.
-    for post, (transform, metric) in post_all.items():
-        if post != "raw, chi2 (the post)":
-            add(baseline_pre, "avg", post, transform, metric)
-    # Combined: the better preprocessing choices with the best post-processing.
-    combos = ["signed sqrt + L2, cosine", "signed sqrt + L2 + PCA-whiten all, cosine",
-              "signed sqrt + L2 + PCA-whiten 256, cosine", "signed sqrt + L2 + PCA-whiten all, shrinkage 0.1, cosine",
-              "L2 + PCA-whiten all, cosine"]
-    for name, *_ in PREPROCESSING[1:]:
-        for pool in ("avg", "GeM"):
-            for post in combos:
-                add(name, pool, post, *post_all[post])
+    post_pre = PREPROCESSING[0][0]
+    alone = [measure(post_pre, "avg", "raw, chi2 (the post)")]
+    alone += [measure(name, "avg", "raw, chi2 (the post)") for name, *_ in PREPROCESSING[1:]]
+    alone.append(measure(post_pre, "GeM", "raw, chi2 (the post)"))
+    alone += [measure(post_pre, "avg", post) for post in list(POSTPROCESSING)[1:]]
+    combined = [measure(name, pool, post) for name, *_ in PREPROCESSING[1:] for pool in ("avg", "GeM")
+                for post in COMBINED[1:]]
+    best_pre = DEFAULT_PREPROCESSING[args.model]
+    sizes = []
+    for rows in subset_rows(records):
+        sizes += [measure(best_pre, "avg", post, rows) + (len(rows),) for post in COMBINED]
 
-    print(f"| preprocessing | pooling | features, distance | P@1 | mAP |")
-    print("|---|---|---|---|---|")
-    for pre, pool, post, p1, m_ap in rows:
-        print(f"| {pre} | {pool} | {post} | {p1:.3f} | {m_ap:.3f} |")
+    print(f"## {args.model}: {len(paths)} images, {labels.labelled} labelled, cross-vendor\n")
+    print(table("Each change alone (baseline: the post's pipeline, first row)", alone))
+    print(table("Combined", combined))
+    print(f"### Smaller collections ({best_pre}, avg pooling; whitening learned on each subset)\n")
+    print("| images | features, distance | P@1 | mAP |\n|---|---|---|---|")
+    for _, _, post, p1, m_ap, count in sizes:
+        print(f"| {count} | {post} | {p1:.3f} | {m_ap:.3f} |")
     return 0
 
 

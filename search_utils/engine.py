@@ -20,7 +20,7 @@ from . import __version__
 from .errors import DatasetError, ModelMismatchError
 from .images import find_images, load_image
 from .indexing import EmbeddingResult, embed_images
-from .models import DEFAULT_MODEL, FeatureExtractor, ModelSpec, get_model_spec
+from .models import DEFAULT_MODEL, FeatureExtractor, ModelSpec, bf16_supported, get_model_spec
 from .modes import learn_whitening, whitening_input
 from .search import find_row
 from .store import FORMAT_VERSION, FeatureStore, save_features
@@ -95,6 +95,8 @@ def features_metadata(extractor: FeatureExtractor, dataset: str) -> dict:
         "tool_version": __version__,
         "model": spec.name,
         "weights": extractor.weights,
+        "precision": extractor.precision,
+        "runtime": "tensorflow",
         "feature_dim": spec.feature_dim,
         "preprocessing": spec.describe_preprocessing(),
         "dataset": dataset,
@@ -110,6 +112,7 @@ class StoreModel:
     spec: ModelSpec
     weights: str | None  # None: the model's default source
     assumed: bool  # no metadata: taken to be the post's ResNet50
+    precision: str = "float32"  # what indexing computed in, for outside queries
 
 
 def store_model(store: FeatureStore, requested: str | None = None) -> StoreModel:
@@ -138,7 +141,10 @@ def store_model(store: FeatureStore, requested: str | None = None) -> StoreModel
     weights = store.metadata.get("weights")
     if weights in (None, spec.default_weights):
         weights = None
-    return StoreModel(spec, weights, assumed)
+    precision = store.metadata.get("precision", "float32")
+    if precision == "bf16" and not bf16_supported():
+        precision = "float32"
+    return StoreModel(spec, weights, assumed, precision)
 
 
 def query_features(

@@ -32,7 +32,7 @@ MODES: dict[str, SearchMode] = {
         SearchMode("cosine", "cosine", False, "cosine distance on the raw features"),
         SearchMode("euclidean", "euclidean", False, "Euclidean distance on the raw features"),
         SearchMode("whitened", "cosine", True,
-                   "signed square root, L2, PCA whitening learned from the collection, cosine"),
+                   "signed square root, L2, PCA whitening learned from the collection (shrunk), cosine"),
     )
 }
 DEFAULT_MODE = "chi2"
@@ -44,9 +44,15 @@ def whitening_input(features: np.ndarray) -> np.ndarray:
     return l2_normalise(signed_sqrt(features))
 
 
+# Added to every eigenvalue, as a fraction of their mean: without it,
+# whitening learned from a few hundred images blows up noise directions and
+# ruins results (docs/QUALITY.md, "Smaller collections").
+WHITENING_SHRINKAGE = 0.3
+
+
 def learn_whitening(features: np.ndarray) -> Whitening:
     """The whitening stored at index time (no labels needed)."""
-    return Whitening.fit(whitening_input(features))
+    return Whitening.fit(whitening_input(features), shrinkage=WHITENING_SHRINKAGE)
 
 
 @dataclass
