@@ -43,7 +43,10 @@ def main(argv=None) -> int:
     spec = get_model_spec(args.model)
     paths = list_dataset(args.dataset)  # fail fast, before the model loads
     precision = args.precision
-    if precision == "bf16" and not bf16_supported():
+    if precision == "bf16" and not spec.bf16_ok:
+        print(f"note: bf16 moves {spec.name}'s features by more than 1%: using float32", file=sys.stderr)
+        precision = "float32"
+    elif precision == "bf16" and not bf16_supported():
         print("note: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): using float32", file=sys.stderr)
         precision = "float32"
     extractor = load_extractor(spec, args.weights, precision)

@@ -102,12 +102,6 @@ def main(argv=None) -> int:
         lite32 = models.load_extractor(lite, None, "float32")
         speed_lite, lite_feats32 = our_speed(lite32, args.dataset, paths, args.batch_size)
         print(f"ours, efficientnet_lite0 float32: {speed_lite:.1f} images/s")
-        if models.bf16_supported():
-            speed_lite16, lite_feats16 = our_speed(models.load_extractor(lite, None, "bf16"), args.dataset,
-                                                   paths, args.batch_size)
-            print(f"ours, efficientnet_lite0 bf16: {speed_lite16:.1f} images/s; features differ by "
-                  f"{100 * relative_difference(lite_feats32, lite_feats16):.2f}%; top-10 results changed: "
-                  f"{100 * top10_changed(lite_feats32, lite_feats16):.1f}% (real ImageNet weights)")
         print(f"resnet50 float32 indexing: ours {ours32:.1f} images/s vs post loop {post:.1f} images/s: "
               f"{ours32 / post:.2f}x")
     return 0

@@ -109,3 +109,39 @@ def test_unknown_model_lists_known_ones():
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(models.WeightsUnavailableError, match="weights file not found"):
         models.load_extractor(models.get_model_spec("resnet50"), str(tmp_path / "none.h5"))
+
+
+@pytest.mark.skipif(not models.bf16_supported(), reason="CPU without bfloat16 instructions")
+def test_bf16_features_stay_within_about_one_percent(tmp_path, random_weights_file):
+    root = tmp_path / "ds"
+    files = make_dataset(root)
+    batch = np.stack([load_image(str(root / name)) for name in files["good"]])
+    spec = models.get_model_spec("resnet50")
+    full = models.load_extractor(spec, str(random_weights_file), "float32").embed(batch)
+    half = models.load_extractor(spec, str(random_weights_file), "bf16")
+    assert half.precision == "bf16"
+    fast = half.embed(batch)
+    assert fast.dtype == np.float32
+    assert np.abs(fast - full).sum() / np.abs(full).sum() < 0.01
+    assert not np.array_equal(fast, full)  # it really computed in bfloat16
+
+
+def test_bf16_is_refused_where_it_costs_accuracy():
+    # Measured: EfficientNet-Lite0's features move by about 8% in bfloat16.
+    assert not models.get_model_spec("efficientnet_lite0").bf16_ok
+    assert models.get_model_spec("resnet50").bf16_ok
+
+
+def test_bf16_falls_back_to_float32_without_cpu_support(tmp_path, monkeypatch, capsys, random_weights_file):
+    import json
+
+    import create_imagenet_features
+
+    root = tmp_path / "ds"
+    make_dataset(root)
+    monkeypatch.setattr(create_imagenet_features, "bf16_supported", lambda: False)
+    code = create_imagenet_features.main(["--dataset", str(root), "--output", str(tmp_path / "f.csv"),
+                                          "--weights", str(random_weights_file), "--precision", "bf16", "-q"])
+    assert code == 0
+    assert "no bfloat16 instructions" in capsys.readouterr().err
+    assert json.loads((tmp_path / "f.csv.meta.json").read_text())["precision"] == "float32"
