@@ -10,6 +10,7 @@ import sys
 
 from search_utils import cli
 from search_utils.engine import index_folder, list_dataset
+from search_utils.locking import exclusive_output
 from search_utils.models import DEFAULT_MODEL, MODELS, PRECISIONS, bf16_supported, get_model_spec, load_extractor
 
 
@@ -36,27 +37,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+def choose_precision(spec, requested: str) -> str:
+    """`requested`, unless bf16 would cost accuracy or isn't in the CPU."""
+    if requested == "bf16" and not spec.bf16_ok:
+        print(f"note: bf16 moves {spec.name}'s features by more than 1%: using float32", file=sys.stderr)
+        return "float32"
+    if requested == "bf16" and not bf16_supported():
+        print("note: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): using float32", file=sys.stderr)
+        return "float32"
+    return requested
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
     spec = get_model_spec(args.model)
     paths = list_dataset(args.dataset)  # fail fast, before the model loads
-    precision = args.precision
-    if precision == "bf16" and not spec.bf16_ok:
-        print(f"note: bf16 moves {spec.name}'s features by more than 1%: using float32", file=sys.stderr)
-        precision = "float32"
-    elif precision == "bf16" and not bf16_supported():
-        print("note: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16): using float32", file=sys.stderr)
-        precision = "float32"
-    extractor = load_extractor(spec, args.weights, precision)
-    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.quiet,
-              desc="indexing", dynamic_ncols=True) as bar:
-        def skip(error):
-            bar.write(f"skipping {error}", file=sys.stderr)
+    precision = choose_precision(spec, args.precision)
+    with exclusive_output(args.output):  # before the slow model build
+        extractor = load_extractor(spec, args.weights, precision)
+        with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.quiet,
+                  desc="indexing", dynamic_ncols=True) as bar:
+            def skip(error):
+                bar.write(f"skipping {error}", file=sys.stderr)
 
-        report = index_folder(args.dataset, args.output, extractor, paths, args.batch_size,
-                              on_progress=bar.update, on_skip=skip)
+            report = index_folder(args.dataset, args.output, extractor, paths, args.batch_size,
+                                  on_progress=bar.update, on_skip=skip)
     done = len(report.result.paths)
     skipped = len(report.result.skipped)
     print(

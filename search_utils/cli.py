@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ def error_line(prog: str, message: str) -> None:
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call `main(argv)`, mapping user errors and Ctrl-C to messages and codes."""
     prog = os.path.basename(sys.argv[0])
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
     try:
         return main(argv)
     except SearchUtilsError as error:
@@ -40,3 +42,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -233,3 +233,56 @@ def test_copies_of_one_image_collapse_into_one_result(tmp_path):
                         "--keep-duplicates", cwd=tmp_path)
     paths = [h["path"] for h in json.loads(every.stdout)["results"]]
     assert paths == ["imgs/a.png", "imgs/b copy.png", "imgs/c resaved.png"]
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, dataset):
+    from search_utils.locking import exclusive_output
+
+    root, _ = dataset
+    output = tmp_path / "f.csv"
+    with exclusive_output(str(output)):
+        result = run_command(INDEX, "--dataset", root, "--output", output, "--model", "efficientnet_lite0",
+                             cwd=tmp_path)
+    assert_one_line_error(result, f"{output} is being written by process", "try again")
+    assert not output.exists()
+    assert not (tmp_path / "f.csv.lock").exists()  # released and cleaned up
+
+
+def test_sigterm_stops_cleanly_and_keeps_the_earlier_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import REPO, offline_env
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        draw_picture(i % 7, size=(64, 64)).save(folder / f"{i:03d}.png")
+    output = tmp_path / "f.csv"
+    output.write_text("earlier,1.0\n")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / INDEX), "--dataset", folder, "--output", output,
+         "--model", "efficientnet_lite0", "--batch-size", "2"],
+        cwd=tmp_path, env=offline_env(tmp_path), stderr=subprocess.PIPE, text=True,
+    )
+    started = threading.Event()
+    chunks = []
+
+    def read():
+        while chunk := process.stderr.read(64):
+            chunks.append(chunk)
+            if "/400" in "".join(chunks[-3:]):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(300), "".join(chunks)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 130
+    reader.join(10)
+    stderr = "".join(chunks)
+    assert "interrupted; nothing was written" in stderr and "Traceback" not in stderr
+    assert output.read_text() == "earlier,1.0\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".f.csv")) == []  # no temp left
