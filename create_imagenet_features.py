@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from search_utils import cli
@@ -25,6 +26,9 @@ def parse_args(argv):
     parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="float32 (default: features identical to the post's) or bf16 "
                              "(faster on CPUs with bfloat16 instructions; features within about 1%%)")
+    parser.add_argument("--resize", choices=["nearest", "bilinear", "bicubic", "lanczos"],
+                        help="resize filter (default: the model's: nearest for resnet50, as in the post; "
+                             "bilinear for the others, which measured better)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default: 32)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     spec = get_model_spec(args.model)
+    if args.resize:
+        spec = dataclasses.replace(spec, resize=args.resize)
     paths = list_dataset(args.dataset)  # fail fast, before the model loads
     precision = choose_precision(spec, args.precision)
     with exclusive_output(args.output):  # before the slow model build

@@ -8,6 +8,7 @@ are passed in, never built here unasked.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DatasetError, ModelMismatchError
-from .images import find_images, load_image
+from .images import RESAMPLING, find_images, load_image
 from .indexing import EmbeddingResult, embed_images
 from .models import DEFAULT_MODEL, FeatureExtractor, ModelSpec, bf16_supported, get_model_spec
 from .modes import learn_whitening, whitening_input
@@ -138,6 +139,9 @@ def store_model(store: FeatureStore, requested: str | None = None) -> StoreModel
         raise ModelMismatchError(
             f"features file has {store.dim} values per image but {source} gives {spec.feature_dim}"
         )
+    recorded_resize = store.metadata.get("preprocessing", {}).get("resize")
+    if recorded_resize in RESAMPLING:  # indexed with --resize: embed queries alike
+        spec = dataclasses.replace(spec, resize=recorded_resize)
     weights = store.metadata.get("weights")
     if weights in (None, spec.default_weights):
         weights = None

@@ -145,3 +145,22 @@ def test_bf16_falls_back_to_float32_without_cpu_support(tmp_path, monkeypatch, c
     assert code == 0
     assert "no bfloat16 instructions" in capsys.readouterr().err
     assert json.loads((tmp_path / "f.csv.meta.json").read_text())["precision"] == "float32"
+
+
+def test_search_embeds_queries_with_the_recorded_resize():
+    meta = {"model": "resnet50", "preprocessing": {"resize": "bilinear"}}
+    found = engine.store_model(FeatureStore(["a"], np.zeros((1, 2048), np.float32), meta))
+    assert found.spec.resize == "bilinear"
+    assert models.get_model_spec("resnet50").resize == "nearest"  # the registry is untouched
+
+
+def test_resize_option_is_used_and_recorded(tmp_path):
+    import json
+
+    import create_imagenet_features
+
+    root = tmp_path / "ds"
+    make_dataset(root)
+    assert create_imagenet_features.main(["--dataset", str(root), "--output", str(tmp_path / "f.csv"),
+                                          "--model", "efficientnet_lite0", "--resize", "bicubic", "-q"]) == 0
+    assert json.loads((tmp_path / "f.csv.meta.json").read_text())["preprocessing"]["resize"] == "bicubic"
