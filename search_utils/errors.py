@@ -11,11 +11,34 @@ class SearchUtilsError(Exception):
     exit_code = 1
 
 
+def printable_path(path: str) -> str:
+    """`path` as it can be shown on one line of a terminal.
+
+    File names may hold newlines, tabs and other control characters, and
+    bytes that are not UTF-8 (kept by Python as surrogates, which would make
+    printing fail): those are shown as escapes (`\\n`, `\\t`, `\\xe9`
+    for an undecodable byte). Everything else is left as it is.
+    """
+    if path.isprintable():
+        return path
+    return "".join(char if char.isprintable() else _escape(char) for char in path)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    if char in named:
+        return named[char]
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
 class ImageReadError(SearchUtilsError):
     """An image file could not be opened or decoded."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{printable_path(path)}: {reason}")
         self.path = path
         self.reason = reason
 

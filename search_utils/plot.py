@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Sequence
 
-from .errors import ImageReadError
-from .images import to_rgb
+from .errors import ImageReadError, printable_path
+from .images import load_preview
 from .search import SearchHit
 
 COLUMNS = 6
@@ -62,20 +62,13 @@ def _draw(axes, path: str, title: str) -> None:
         axes.imshow(_thumbnail(path))
     except ImageReadError as error:
         axes.text(0.5, 0.5, f"cannot show:\n{error.reason}", ha="center", va="center", wrap=True)
-    axes.set_title(f"{title}\n{_short(os.path.basename(path))}", fontsize=9)
+    axes.set_title(f"{title}\n{_short(printable_path(os.path.basename(path)))}", fontsize=9)
 
 
 def _thumbnail(path: str):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.seek(0)
-            rgb = to_rgb(img)
-            rgb.thumbnail((THUMBNAIL, THUMBNAIL))
-            return rgb
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(path, str(error)) from None
+    # The same safe decoding as indexing: a file that turned into a bomb or
+    # a FIFO since it was indexed is a "cannot show" cell, not a crash.
+    return load_preview(path, THUMBNAIL)
 
 
 def _short(name: str, limit: int = 28) -> str:

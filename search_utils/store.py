@@ -64,6 +64,7 @@ Knows nothing about models or distances.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import json
@@ -77,7 +78,7 @@ from typing import IO, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import FeaturesFileError
+from .errors import FeaturesFileError, printable_path
 
 METADATA_SUFFIX = ".meta.json"
 WHITENING_SUFFIX = ".whitening.npz"
@@ -264,6 +265,19 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
+def remove_stale_temporaries(path: str) -> None:
+    """Delete the temporary files that writes of `path` (and its sidecars)
+    left behind when their process was killed (kill -9: no cleanup runs).
+    Only call while no one writes `path` (e.g. holding its indexing lock)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+
+
 def save_features(path: str, store: FeatureStore, dtype="float32") -> None:
     """Write `store` to `path`: CSV (as in the post, metadata and whitening in
     files beside it) or HDF5 (one file), as the extension says.
@@ -404,7 +418,7 @@ def _read_csv(path: str) -> tuple[list[str], np.ndarray]:
     except pd.errors.EmptyDataError:
         raise FeaturesFileError(f"features file is empty: {path}") from None
     except pd.errors.ParserError as error:
-        raise FeaturesFileError(f"malformed features file {path}: {_first_line(error)}") from None
+        raise FeaturesFileError(f"malformed features file {path}: {_row_problem(path) or _first_line(error)}") from None
     except (OSError, UnicodeError) as error:
         raise FeaturesFileError(f"cannot read features file {path}: {error}") from None
     if frame.shape[1] < 2:
@@ -414,20 +428,46 @@ def _read_csv(path: str) -> tuple[list[str], np.ndarray]:
         features = values.to_numpy(dtype=np.float32)
     except (ValueError, TypeError):
         raise FeaturesFileError(f"malformed features file {path}: {_non_numeric(values)}") from None
-    _check_complete_rows(path, features)
+    if not np.isfinite(features).all():
+        # pandas pads short rows with NaN: a truncated or hand-edited line;
+        # or a value is empty, "nan" or "inf".
+        problem = _row_problem(path) or _non_finite(values, features)
+        raise FeaturesFileError(f"malformed features file {path}: {problem}")
     return frame.iloc[:, 0].tolist(), features
 
 
-def _check_complete_rows(path: str, features: np.ndarray) -> None:
-    # pandas pads short rows with NaN: a truncated or hand-edited line.
-    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
-    if len(bad):
-        row = int(bad[0])
-        count = int(np.isfinite(features[row]).sum())
-        raise FeaturesFileError(
-            f"malformed features file {path}: row {row + 1} has {count} valid values, "
-            f"expected {features.shape[1]} (truncated or edited?)"
-        )
+def _row_problem(path: str) -> str | None:
+    """The first row whose number of values differs from most rows', or that
+    is cut off inside quotes; None if every row has the same length.
+
+    Read again with the csv module, only once pandas has failed (so the cost
+    doesn't matter): pandas measures every line against the first one, so
+    an edited first row would be reported as row 2 being wrong."""
+    rows: list[tuple[int, str]] = []  # (number of values, image path), blank lines skipped as pandas does
+    try:
+        with open(path, encoding="utf-8", errors=ENCODING_ERRORS, newline="") as handle:
+            for fields in csv.reader(handle, strict=True):
+                if fields:
+                    rows.append((len(fields) - 1, fields[0]))
+    except csv.Error as error:
+        return f"row {len(rows) + 1} is cut off or badly quoted ({error}; truncated?)"
+    except OSError:
+        return None
+    if not rows:
+        return None
+    expected = collections.Counter(count for count, _ in rows).most_common(1)[0][0]  # ties: the first row's
+    for number, (count, image_path) in enumerate(rows, start=1):
+        if count != expected:
+            return (f"row {number} ({printable_path(image_path)}) has {count} values, "
+                    f"expected {expected} (truncated or edited?)")
+    return None
+
+
+def _non_finite(values: pd.DataFrame, features: np.ndarray) -> str:
+    row, column = (int(i) for i in np.argwhere(~np.isfinite(features))[0])
+    text = values.iat[row, column]
+    shown = "empty" if isinstance(text, float) and np.isnan(text) else f"not a finite number ({text})"
+    return f"row {row + 1}, column {column + 2} is {shown}"
 
 
 def _non_numeric(values: pd.DataFrame) -> str:

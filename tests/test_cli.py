@@ -34,7 +34,8 @@ def test_indexing_writes_the_posts_csv_and_reports_skips(indexed, random_resnet5
     assert result.stdout == ""  # results go to the file, diagnostics to stderr
     for bad in files["bad"]:
         assert f"skipping images/{bad}:" in result.stderr
-    assert "indexed 7 images with resnet50 (3 skipped)" in result.stderr
+    assert "indexed 7 images with resnet50 into features.csv: 10 new, 0 changed, 0 renamed, 0 removed, " \
+           "0 unchanged (3 skipped); embedded 7 in" in result.stderr
     assert "7/10" not in result.stderr and "10/10" in result.stderr  # progress bar reached the end
     store = load_features(str(work / "features.csv"))
     assert sorted(store.paths) == sorted(os.path.join("images", g) for g in files["good"])
@@ -171,7 +172,7 @@ def small_features(tmp_path):
         (["--query", "notes.png", "--featuresPath", "f.csv"], ["notes.png", "not an image"]),
         (["--query", "q.png", "--featuresPath", "missing.csv"], ["features file not found"]),
         (["--query", "q.png", "--featuresPath", "empty.csv"], ["features file is empty"]),
-        (["--query", "q.png", "--featuresPath", "short.csv"], ["row 2 has 2 valid values"]),
+        (["--query", "q.png", "--featuresPath", "short.csv"], ["row 2 (b.png) has 2 values, expected 3"]),
         (["--query", "q.png", "--featuresPath", "dim100.csv"], ["100 values per image", "2048"]),
         (["--query", "q.png", "--featuresPath", "f.csv", "--metric", "l7"], ["invalid choice: 'l7'"]),
         (["--query", "q.png", "--featuresPath", "f.csv", "--model", "efficientnetv2_b0"], ["not efficientnetv2_b0"]),
@@ -259,7 +260,7 @@ def test_sigterm_stops_cleanly_and_keeps_the_earlier_file(tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(400):
-        draw_picture(i % 7, size=(64, 64)).save(folder / f"{i:03d}.png")
+        draw_picture(i, size=(64, 64)).save(folder / f"{i:03d}.png")  # distinct: copies are embedded once
     output = tmp_path / "f.csv"
     output.write_text("earlier,1.0\n")
     process = subprocess.Popen(
@@ -283,6 +284,7 @@ def test_sigterm_stops_cleanly_and_keeps_the_earlier_file(tmp_path):
     assert process.wait(60) == 130
     reader.join(10)
     stderr = "".join(chunks)
-    assert "interrupted; nothing was written" in stderr and "Traceback" not in stderr
+    assert "embedded and checkpointed; run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
     assert output.read_text() == "earlier,1.0\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".f.csv")) == []  # no temp left

@@ -93,8 +93,8 @@ def write_text(tmp_path, text, name="features.csv"):
     "text, message",
     [
         ("", "empty"),
-        ("a.png,1,2,3\nb.png,1,2,3,4\n", "Expected 4 fields in line 2, saw 5"),
-        ("a.png,1,2,3\nb.png,1,2\n", "row 2 has 2 valid values, expected 3"),
+        ("a.png,1,2,3\nb.png,1,2,3,4\n", r"row 2 \(b.png\) has 4 values, expected 3"),
+        ("a.png,1,2,3\nb.png,1,2\n", r"row 2 \(b.png\) has 2 values, expected 3"),
         ("a.png,1,2,3\nb.png,1,oops,3\n", "row 2, column 3 is not a number"),
         ("just-a-path.png\n", "no feature values"),
     ],
