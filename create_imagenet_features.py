@@ -2,6 +2,9 @@
 """Index a folder of images: one feature vector per image, into a features file.
 
     python create_imagenet_features.py --dataset icons --output imagenet_features.csv
+
+Running it again embeds only what changed (new, changed and renamed files;
+removed ones are dropped); an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import dataclasses
 import sys
 
 from search_utils import cli
-from search_utils.engine import index_folder, list_dataset
+from search_utils.engine import IndexEvents, ModelChoice, UpdateReport, check_output, list_dataset, update_index
 from search_utils.locking import exclusive_output
 from search_utils.models import DEFAULT_MODEL, MODELS, PRECISIONS, bf16_supported, get_model_spec, load_extractor
 
@@ -30,6 +33,9 @@ def parse_args(argv):
                         help="resize filter (default: the model's: nearest for resnet50, as in the post; "
                              "bilinear for the others, which measured better)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default: 32)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="forget what earlier runs embedded and index everything again "
+                             "(needed to switch an existing features file to another model)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -54,30 +60,69 @@ def choose_precision(spec, requested: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
-
     spec = get_model_spec(args.model)
     if args.resize:
         spec = dataclasses.replace(spec, resize=args.resize)
-    paths = list_dataset(args.dataset)  # fail fast, before the model loads
-    precision = choose_precision(spec, args.precision)
-    with exclusive_output(args.output):  # before the slow model build
-        extractor = load_extractor(spec, args.weights, precision)
-        with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.quiet,
-                  desc="indexing", dynamic_ncols=True) as bar:
-            def skip(error):
-                bar.write(f"skipping {error}", file=sys.stderr)
-
-            report = index_folder(args.dataset, args.output, extractor, paths, args.batch_size,
-                                  on_progress=bar.update, on_skip=skip)
-    done = len(report.result.paths)
-    skipped = len(report.result.skipped)
-    print(
-        f"indexed {done} images with {spec.name} ({skipped} skipped) in {report.seconds:.1f} s, "
-        f"{report.images_per_second:.1f} images/s -> {args.output}",
-        file=sys.stderr,
-    )
+    # Fail fast, before the model loads; name each subfolder that can't be listed.
+    paths = list_dataset(args.dataset, on_error=lambda error: print(f"skipping {error}", file=sys.stderr))
+    check_output(args.output)  # before its lock file is made beside it
+    choice = ModelChoice(spec, args.weights, choose_precision(spec, args.precision))
+    with exclusive_output(args.output), Progress(args.quiet) as progress:  # lock before any work
+        report = update_index(args.dataset, args.output, choice,
+                              lambda: load_extractor(spec, args.weights, choice.precision),
+                              paths, args.batch_size, args.rebuild, progress.events())
+    print(summary(report), file=sys.stderr)
     return 0
+
+
+def summary(report: UpdateReport) -> str:
+    """The last line of a run: what changed, what was done."""
+    head = (f"indexed {report.rows} images with {report.model} into {report.output}: "
+            f"{report.changes.counts()} ({report.skipped} skipped)")
+    if report.embedded or report.failed:
+        return (f"{head}; embedded {report.embedded} in {report.seconds:.1f} s, "
+                f"{report.images_per_second:.1f} images/s")
+    if report.written:
+        return f"{head}; nothing to embed, features file written from the indexing state"
+    return f"{head}; nothing to embed, {report.output} left as it was"
+
+
+class Progress:
+    """Notes and skipped files on stderr, and a progress bar over the images
+    to embed (none when nothing needs embedding, or with --quiet)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def events(self) -> IndexEvents:
+        return IndexEvents(note=lambda text: self._line(f"note: {text}"),
+                           skip=lambda error: self._line(f"skipping {error}"),
+                           embedding=self._start, progress=self._advance)
+
+    def _start(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", file=sys.stderr, disable=self.quiet, desc="indexing",
+                        dynamic_ncols=True)
+
+    def _advance(self, count: int) -> None:
+        self.bar.update(count)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()  # done: its time is the embedding's, not the writing's
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Pieces, one job each:
     images   find image files; open one robustly (EXIF, alpha, frames)
     models   registry of backbones; batched, compiled feature extractor
     indexing files -> features, decoding overlapped with inference
+    catalog  indexing state beside a features file: checkpoints, what was embedded
+    changes  what changed in a folder since its last indexing run
     store    features files (the post's CSV) and their metadata
     search   distances over all rows, top N
     plot     the results picture

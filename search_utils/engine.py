@@ -2,6 +2,11 @@
 features file, and find a query's features (stored, or embedded with the
 model the features file was made with).
 
+Indexing is incremental (`update_index`): the indexing state beside the
+features file (catalog) remembers what was embedded, so a re-run embeds only
+new and changed content (changes), checkpoints every batch, and rewrites the
+features file only at the end. `index_folder` is the one-shot form.
+
 Collaborators that are expensive or that the tests replace (the extractor)
 are passed in, never built here unasked.
 """
@@ -17,14 +22,20 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
-from .errors import DatasetError, ModelMismatchError
+from . import __version__, catalog
+from .changes import Changes, Entry, classify, scan
+from .errors import (
+    DatasetError, FeaturesFileError, ImageReadError, ModelMismatchError, SearchUtilsError, WeightsUnavailableError,
+)
 from .images import RESAMPLING, find_images, load_image
-from .indexing import EmbeddingResult, embed_images
+from .indexing import EmbeddingResult, embed_batches, embed_images
 from .models import DEFAULT_MODEL, FeatureExtractor, ModelSpec, bf16_supported, get_model_spec
 from .modes import learn_whitening, whitening_input
 from .search import find_row
-from .store import FORMAT_VERSION, FeatureStore, save_features
+from .store import (
+    FORMAT_VERSION, FeatureStore, file_format, load_features, metadata_path, output_format, read_metadata,
+    remove_stale_temporaries, save_features, whitening_path,
+)
 
 POST_MODEL = "resnet50"  # what the post's original script used
 
@@ -41,9 +52,10 @@ class IndexReport:
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
-def list_dataset(dataset: str) -> list[str]:
-    """Image files of `dataset`; raises DatasetError if there are none."""
-    paths = find_images(dataset)
+def list_dataset(dataset: str, on_error: Callable[[ImageReadError], None] | None = None) -> list[str]:
+    """Image files of `dataset`; raises DatasetError if there are none.
+    `on_error` hears of each subfolder that can't be listed (see find_images)."""
+    paths = find_images(dataset, on_error)
     if not paths:
         raise DatasetError(f"no image files (jpg, jpeg, png, gif, bmp, webp, tif, tiff) in {dataset}")
     return paths
@@ -89,14 +101,17 @@ def whitening_arrays(features: np.ndarray) -> dict[str, np.ndarray] | None:
 
 def features_metadata(extractor: FeatureExtractor, dataset: str) -> dict:
     """How a features file was made, so search can embed queries the same way."""
-    spec = extractor.spec
+    return _metadata(extractor.spec, extractor.weights, extractor.precision, dataset)
+
+
+def _metadata(spec: ModelSpec, weights: str, precision: str, dataset: str) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "tool": "search_utils",
         "tool_version": __version__,
         "model": spec.name,
-        "weights": extractor.weights,
-        "precision": extractor.precision,
+        "weights": weights,
+        "precision": precision,
         "runtime": "tensorflow",
         "feature_dim": spec.feature_dim,
         "preprocessing": spec.describe_preprocessing(),
@@ -175,13 +190,366 @@ def query_features(
     return extractor.embed(image[np.newaxis])[0], False
 
 
+# -- incremental indexing --------------------------------------------------
+
+
+class IndexingInterrupted(SearchUtilsError):
+    """Ctrl-C or SIGTERM during an update; what was embedded is checkpointed."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model an indexing run asks for, known before it is built (so a run
+    with nothing to embed never builds it)."""
+
+    spec: ModelSpec
+    weights: str | None = None  # a local weights file; None: the model's default source
+    precision: str = "float32"
+
+    @property
+    def weights_source(self) -> str:
+        """The weights as the extractor (and the metadata) will name them."""
+        return self.spec.default_weights if self.weights is None else os.path.abspath(self.weights)
+
+
+# What makes two runs' features comparable. The weights file counts by its
+# content, so moving it is no change of model.
+IDENTITY_KEYS = ("model", "feature_dim", "weights", "precision", "preprocessing")
+
+
+def model_identity(choice: ModelChoice) -> dict:
+    """The identity recorded in the indexing state (IDENTITY_KEYS, plus the
+    weights path, for messages).
+
+    Raises:
+        WeightsUnavailableError: the weights file is missing or unreadable.
+    """
+    weights = choice.weights_source
+    if choice.weights is not None:
+        if not os.path.isfile(choice.weights):
+            raise WeightsUnavailableError(f"weights file not found: {choice.weights}")
+        try:
+            weights = f"{catalog.HASH_NAME}:{catalog.content_hash(choice.weights)}"
+        except OSError as error:
+            raise WeightsUnavailableError(f"cannot read weights file {choice.weights}: {error.strerror}") from None
+    spec = choice.spec
+    return {"model": spec.name, "feature_dim": spec.feature_dim, "weights": weights,
+            "precision": choice.precision, "preprocessing": spec.describe_preprocessing(),
+            "weights_path": choice.weights_source}
+
+
+def _ignore(*_args) -> None:
+    pass
+
+
+@dataclass
+class IndexEvents:
+    """What an update tells its caller as it goes (all optional)."""
+
+    note: Callable[[str], None] = _ignore  # one line worth knowing
+    skip: Callable[[ImageReadError], None] = _ignore  # a file that is not indexed, and why
+    embedding: Callable[[int], None] = _ignore  # model built, about to embed this many
+    progress: Callable[[int], None] = _ignore  # this many more files embedded (or failed)
+
+
+@dataclass
+class UpdateReport:
+    output: str
+    model: str
+    changes: Changes
+    rows: int  # images in the features file
+    skipped: int  # listed files that could not be read
+    embedded: int = 0  # contents embedded by this run (byte-identical files count once)
+    failed: int = 0  # files this run tried to read and couldn't
+    seconds: float = 0.0  # spent embedding
+    written: bool = False  # the features file was (re)written
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.embedded + self.failed
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def update_index(
+    dataset: str,
+    output: str,
+    choice: ModelChoice,
+    make_extractor: Callable[[], FeatureExtractor],
+    paths: list[str] | None = None,
+    batch_size: int = 32,
+    rebuild: bool = False,
+    events: IndexEvents | None = None,
+) -> UpdateReport:
+    """Bring features file `output` up to date with `dataset`, embedding only
+    files whose content the indexing state (catalog) doesn't hold yet.
+
+    Each batch is checkpointed in the state as it is done; `output` is
+    replaced whole, atomically, only at the end, and not at all if nothing
+    changed. `make_extractor` is called only if something needs embedding.
+    The caller holds `locking.exclusive_output(output)`.
+
+    Args:
+        rebuild: forget the state and embed everything (the model is
+            built first: if it can't be, the state is left as it was).
+
+    Raises:
+        DatasetError: no image in the folder, or none could be read.
+        ModelMismatchError: `output` or its state holds another model's
+            features (`rebuild` replaces them).
+        WeightsUnavailableError, FeaturesFileError, catalog.StateFileError.
+        IndexingInterrupted: Ctrl-C or SIGTERM; `output` is as it was.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_output(output)
+    events = events or IndexEvents()
+    paths = list_dataset(dataset) if paths is None else paths
+    identity = model_identity(choice)
+    remove_stale_temporaries(output)  # a run killed while writing leaves them
+    if rebuild:
+        make_extractor = _built_now(make_extractor)  # a model that can't be had leaves the state as it was
+        catalog.remove_state(output)
+    elif not catalog.state_exists(output):
+        _check_stateless_output(output, identity, len(paths), events)
+    with catalog.IndexState.open(catalog.state_path(output)) as state:
+        _adopt_identity(state, identity, output)
+        return _Update(dataset, output, choice, state, events).run(paths, make_extractor, batch_size)
+
+
+def check_output(output: str) -> None:
+    """Refuse, before any work, a features file name that can't be written.
+
+    Raises:
+        FeaturesFileError: an unsupported extension, a folder, or a folder
+            that doesn't exist.
+    """
+    output_format(output)
+    if os.path.isdir(output):
+        raise FeaturesFileError(f"cannot write features file {output}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise FeaturesFileError(f"cannot write features file {output}: folder {folder} does not exist")
+
+
+def _check_stateless_output(output: str, identity: dict, count: int, events: IndexEvents) -> None:
+    """A features file without state (an older run, or the post's script)
+    can't say which rows are still current: it is indexed again in full,
+    unless it names another model (then the user must say --rebuild)."""
+    if not os.path.exists(output):
+        return
+    recorded = _recorded_model(output)
+    if recorded is not None and recorded != identity["model"]:
+        raise _mismatch(output, {"model": recorded}, identity)
+    events.note(f"{output} has no indexing state ({catalog.state_path(output)}), e.g. made by an older run: "
+                f"embedding all {count} images; it is replaced when the run completes")
+
+
+def _recorded_model(output: str) -> str | None:
+    """The model an existing features file's metadata names; None if it has
+    none or is unreadable (it is replaced anyway)."""
+    try:
+        metadata = load_features(output, mmap=True).metadata if file_format(output) == "hdf5" else read_metadata(output)
+    except FeaturesFileError:
+        return None
+    return metadata.get("model")
+
+
+def _built_now(make_extractor: Callable[[], FeatureExtractor]) -> Callable[[], FeatureExtractor]:
+    extractor = make_extractor()
+    return lambda: extractor
+
+
+def _adopt_identity(state: catalog.IndexState, identity: dict, output: str) -> None:
+    """Record the model in a new state; refuse another model's state, unless
+    it holds no features yet (a run whose model couldn't be built)."""
+    recorded = state.identity
+    differs = recorded is not None and any(recorded.get(k) != identity[k] for k in IDENTITY_KEYS)
+    if differs and state.holds_features():
+        raise _mismatch(output, recorded, identity)
+    if recorded != identity:  # new state, or the weights file moved
+        state.set_identity(identity)
+
+
+def _mismatch(output: str, old: dict, new: dict) -> ModelMismatchError:
+    old_text, new_text = _describe_difference(old, new)
+    return ModelMismatchError(
+        f"{output} holds features made with {old_text}, this run would make {new_text} ones, and one "
+        f"features file can't mix models: pass --rebuild to re-index everything with {new['model']}, "
+        f"or choose another --output"
+    )
+
+
+def _describe_difference(old: dict, new: dict) -> tuple[str, str]:
+    """The two models, with the settings that differ (if the names don't)."""
+    if old.get("model") != new.get("model"):
+        return old.get("model", "an unknown model"), new["model"]
+    old_parts, new_parts = [], []
+    for key in ("weights", "precision"):
+        if old.get(key) != new.get(key):
+            shown = "weights_path" if key == "weights" else key
+            old_parts.append(f"{key} {old.get(shown)}")
+            new_parts.append(f"{key} {new.get(shown)}")
+    old_steps, new_steps = old.get("preprocessing", {}), new.get("preprocessing", {})
+    for key in sorted(set(old_steps) | set(new_steps)):
+        if old_steps.get(key) != new_steps.get(key):
+            old_parts.append(f"{key} {old_steps.get(key)}")
+            new_parts.append(f"{key} {new_steps.get(key)}")
+    return _with_details(old["model"], old_parts), _with_details(new["model"], new_parts)
+
+
+def _with_details(name: str, details: list[str]) -> str:
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+class _Update:
+    """One incremental indexing run: scan, embed what's missing, write."""
+
+    def __init__(self, dataset: str, output: str, choice: ModelChoice, state: catalog.IndexState,
+                 events: IndexEvents):
+        self.dataset, self.output, self.choice = dataset, output, choice
+        self.state, self.events = state, events
+        self.pending: list[str] | None = None  # content hashes to embed, once known
+        self.reported: set[str] = set()  # paths already reported as skipped
+        self.report: UpdateReport | None = None
+
+    def run(self, paths: list[str], make_extractor: Callable[[], FeatureExtractor], batch_size: int) -> UpdateReport:
+        try:
+            entries = scan(self.dataset, paths, self.state)
+            catalogue = self.state.catalogue()
+            self.report = UpdateReport(self.output, self.choice.spec.name, classify(entries, catalogue), 0, 0)
+            todo = self._plan(entries, catalogue)
+            if todo:
+                self._embed(todo, make_extractor, batch_size)
+            return self._finish(entries)
+        except KeyboardInterrupt:
+            raise IndexingInterrupted(self._interrupted()) from None
+
+    def _plan(self, entries: list[Entry], catalogue: dict[str, str | None]) -> dict[str, str]:
+        """Content hash -> one path to embed it from, for contents the state
+        lacks; reports the files already known to be unreadable."""
+        known = self.state.known_contents()
+        published = set(catalogue.values())
+        todo: dict[str, str] = {}
+        resumed: set[str] = set()
+        for entry in entries:
+            if entry.hash is None:
+                self._skip(entry.error)
+            elif entry.hash not in known:
+                todo.setdefault(entry.hash, entry.path)
+            elif known[entry.hash] is not None:
+                self._skip(ImageReadError(entry.path, f"{known[entry.hash]} (same content as before: not retried)"))
+            elif entry.hash not in published:
+                resumed.add(entry.hash)
+        if resumed:
+            self.events.note(f"resuming an unfinished run: {len(resumed)} images were embedded already")
+        self.pending = list(todo)
+        return todo
+
+    def _skip(self, error: ImageReadError) -> None:
+        if error.path not in self.reported:
+            self.reported.add(error.path)
+            self.events.skip(error)
+
+    def _embed(self, todo: dict[str, str], make_extractor, batch_size: int) -> None:
+        """Embed one file per missing content; each batch is one commit."""
+        extractor = make_extractor()
+        self.events.embedding(len(todo))
+        digest_of = {path: digest for digest, path in todo.items()}
+        start = time.perf_counter()
+        for batch in embed_batches(list(todo.values()), extractor, batch_size):
+            self.state.add_contents({digest_of[p]: row for p, row in zip(batch.paths, batch.features)},
+                                    {digest_of[e.path]: e.reason for e in batch.skipped})
+            for error in batch.skipped:
+                self._skip(error)
+            self.report.embedded += len(batch.paths)
+            self.report.failed += len(batch.skipped)
+            self.report.seconds = time.perf_counter() - start
+            self.events.progress(len(batch.paths) + len(batch.skipped))
+
+    def _finish(self, entries: list[Entry]) -> UpdateReport:
+        """Write `output` from the state unless it already is what it would be."""
+        known = self.state.known_contents()
+        rows = [e for e in entries if e.hash is not None and known.get(e.hash, "") is None]
+        for entry in entries:  # copies of files that failed in this run
+            if entry.hash is not None and known.get(entry.hash):
+                self._skip(ImageReadError(entry.path, known[entry.hash]))
+        if not rows:
+            raise DatasetError(
+                f"none of the {len(entries)} image files in {self.dataset} could be read; nothing written"
+            )
+        self.report.rows, self.report.skipped = len(rows), len(entries) - len(rows)
+        metadata = _metadata(self.choice.spec, self.choice.weights_source, self.choice.precision, self.dataset)
+        if self._needs_writing(metadata):
+            self._write(entries, rows, metadata)
+        return self.report
+
+    def _needs_writing(self, metadata: dict) -> bool:
+        written = self.state.written
+        fingerprint = _fingerprint(self.output)
+        if written is not None and written["files"] != fingerprint:
+            self.events.note(f"{self.output} is not as the last run left it (edited, replaced or deleted): "
+                             f"writing it again from the indexing state")
+        return (self.report.changes.any or self.report.embedded > 0 or self.report.failed > 0
+                or written != {"metadata": _lasting(metadata), "files": fingerprint})
+
+    def _write(self, entries: list[Entry], rows: list[Entry], metadata: dict) -> None:
+        features = self.state.read_features([e.hash for e in rows], self.choice.spec.feature_dim)
+        store = FeatureStore([e.path for e in rows], features, metadata, whitening_arrays(features))
+        save_features(self.output, store)
+        self.state.publish({e.rel: e.hash for e in entries},
+                           {"metadata": _lasting(metadata), "files": _fingerprint(self.output)})
+        self.report.written = True
+
+    def _interrupted(self) -> str:
+        if self.pending is None:
+            return (f"interrupted before embedding started: {self.output} is as it was; "
+                    f"run the same command again to resume")
+        try:
+            done = self.state.count_contents(self.pending)
+        except catalog.StateFileError:
+            done = self.report.embedded + self.report.failed
+        return (f"interrupted: {done} of {len(self.pending)} images embedded and checkpointed; "
+                f"run the same command again to resume")
+
+
+def _lasting(metadata: dict) -> dict:
+    """The metadata without its timestamp: what decides whether the written
+    file is still the one this run would write."""
+    return {key: value for key, value in metadata.items() if key != "created"}
+
+
+def _fingerprint(output: str) -> list[list[int] | None]:
+    """Size, mtime and inode of the features file and its sidecars: any
+    change means someone else wrote them."""
+    files = [output]
+    if output_format(output) == "csv":
+        files += [metadata_path(output), whitening_path(output)]
+    fingerprint = []
+    for path in files:
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            fingerprint.append(None)
+        else:
+            fingerprint.append([info.st_size, info.st_mtime_ns, info.st_ino])
+    return fingerprint
+
+
 __all__ = [
     "DEFAULT_MODEL",
+    "IndexEvents",
     "IndexReport",
+    "IndexingInterrupted",
+    "ModelChoice",
+    "UpdateReport",
+    "check_output",
     "StoreModel",
     "features_metadata",
     "index_folder",
     "list_dataset",
     "query_features",
     "store_model",
+    "update_index",
 ]

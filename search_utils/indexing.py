@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +40,33 @@ def embed_images(
         on_progress: called with the number of files finished after each batch.
         on_skip: called once for each file that is skipped, as it happens.
     """
+    kept: list[str] = []
+    chunks: list[Features] = []
+    skipped: list[ImageReadError] = []
+    for batch in embed_batches(paths, extractor, batch_size):
+        for error in batch.skipped:
+            skipped.append(error)
+            if on_skip:
+                on_skip(error)
+        kept.extend(batch.paths)
+        chunks.append(batch.features)
+        if on_progress:
+            on_progress(len(batch.paths) + len(batch.skipped))
+    features = (
+        np.concatenate(chunks) if chunks else np.zeros((0, extractor.spec.feature_dim), np.float32)
+    )
+    return EmbeddingResult(kept, features, skipped)
+
+
+def embed_batches(
+    paths: Sequence[str], extractor: FeatureExtractor, batch_size: int = 32
+) -> Iterator[EmbeddingResult]:
+    """Embed `paths` batch by batch, yielding each batch's result as soon as
+    it is done, so a caller can save it before the next one (a checkpoint).
+
+    Closing the generator early (or an exception in the caller) waits only
+    for the batch being decoded, then stops.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     spec = extractor.spec
@@ -48,25 +75,13 @@ def embed_images(
         return load_images(batch_paths, size=spec.input_size, interpolation=spec.resize)
 
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    kept: list[str] = []
-    chunks: list[Features] = []
-    skipped: list[ImageReadError] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         pending = pool.submit(load, batches[0]) if batches else None
-        for index, batch_paths in enumerate(batches):
+        for index in range(len(batches)):
             good, arrays, errors = pending.result()
             if index + 1 < len(batches):
                 pending = pool.submit(load, batches[index + 1])
-            for error in errors:
-                skipped.append(error)
-                if on_skip:
-                    on_skip(error)
-            if arrays:
-                chunks.append(extractor.embed(np.stack(arrays)))
-                kept.extend(good)
-            if on_progress:
-                on_progress(len(batch_paths))
-    features = (
-        np.concatenate(chunks) if chunks else np.zeros((0, spec.feature_dim), np.float32)
-    )
-    return EmbeddingResult(kept, features, skipped)
+            features = (
+                extractor.embed(np.stack(arrays)) if arrays else np.zeros((0, spec.feature_dim), np.float32)
+            )
+            yield EmbeddingResult(good, features, errors)
