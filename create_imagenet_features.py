@@ -10,12 +10,14 @@ removed ones are dropped); an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
-from search_utils import cli
+from search_utils import ann, cli
 from search_utils.engine import IndexEvents, ModelChoice, UpdateReport, check_output, list_dataset, update_index
 from search_utils.locking import exclusive_output
 from search_utils.models import DEFAULT_MODEL, MODELS, PRECISIONS, bf16_supported, get_model_spec, load_extractor
+from search_utils.store import load_features
 
 
 def parse_args(argv):
@@ -36,6 +38,10 @@ def parse_args(argv):
     parser.add_argument("--rebuild", action="store_true",
                         help="forget what earlier runs embedded and index everything again "
                              "(needed to switch an existing features file to another model)")
+    parser.add_argument("--ann-threshold", type=positive_int, default=ann.DEFAULT_THRESHOLD, metavar="N",
+                        help="build an approximate-search index beside the features once the collection has "
+                             f"N images or more (default: {ann.DEFAULT_THRESHOLD:,}; below it an exact scan "
+                             "is fast enough)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -71,8 +77,18 @@ def main(argv=None) -> int:
         report = update_index(args.dataset, args.output, choice,
                               lambda: load_extractor(spec, args.weights, choice.precision),
                               paths, args.batch_size, args.rebuild, progress.events())
+        keep_ann_index(args.output, report.rows, args.ann_threshold)  # under the lock: nobody replaces the file
     print(summary(report), file=sys.stderr)
     return 0
+
+
+def keep_ann_index(output: str, rows: int, threshold: int) -> None:
+    """Build or refresh `<output>.ann` for large collections; drop it when the
+    collection shrank below `threshold`. Small collections read nothing more."""
+    if rows < threshold and not os.path.exists(ann.index_path(output)):
+        return
+    ann.ensure_index(output, load_features(output, mmap=True), threshold,
+                     note=lambda text: print(f"note: {text}", file=sys.stderr))
 
 
 def summary(report: UpdateReport) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from search_utils import cli, plot
+from search_utils import ann, cli, plot
+from search_utils.errors import printable_path
 from search_utils.engine import query_features, store_model
 from search_utils.models import MODELS, load_extractor
 from search_utils.modes import DEFAULT_MODE, MODES, search_space
@@ -27,6 +28,9 @@ def parse_args(argv):
     parser.add_argument("--metric", default=DEFAULT_MODE, choices=list(MODES),
                         help=f"search mode (default: {DEFAULT_MODE}, the post's); "
                              "whitened: the best measured, see README")
+    parser.add_argument("--exact", action="store_true",
+                        help="scan every row, even where an ANN index (<features>.ann) would be used "
+                             "(chi2 on large collections)")
     parser.add_argument("--keep-duplicates", action="store_true",
                         help="list copies of the same image separately (default: one entry with its copies)")
     parser.add_argument("--model", choices=sorted(MODELS),
@@ -44,7 +48,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    store = load_features(args.featuresPath)
+    store = load_features(args.featuresPath, mmap=True)  # HDF5: rows are read when used
     model = store_model(store, args.model)
     weights = args.weights or model.weights
     query, reused = query_features(store, args.query, model.spec,
@@ -54,12 +58,30 @@ def main(argv=None) -> int:
               f"{model.spec.name} features", file=sys.stderr)
     if not reused:
         print(f"embedded the query with {model.spec.name}", file=sys.stderr)
-    space = search_space(store, args.metric)
-    hits = nearest(space.vectors, store.paths, space.to_space(query), args.numResults,
-                   space.metric, collapse=not args.keep_duplicates)
+    hits = find_hits(args, store, query)
     print_results(args, hits)
     show_picture(args, hits)
     return 0
+
+
+def find_hits(args, store, query) -> list:
+    """chi2 goes through a fresh ANN index beside the features when there is
+    one (large collections, see search_utils/ann.py) unless --exact; every
+    other case scans every row."""
+    index = None
+    if args.metric == "chi2" and not args.exact:
+        index = ann.fresh_index(args.featuresPath, store.features)
+    if index is not None:
+        candidates = max(ann.DEFAULT_CANDIDATES, 4 * args.numResults)
+        print(f"approximate search ({index.describe()}, {candidates} candidates re-ranked "
+              "with exact chi2; --exact scans every row)", file=sys.stderr)
+        return ann.nearest(index, store.features, store.paths, query, args.numResults,
+                           candidates=candidates, collapse=not args.keep_duplicates)
+    if args.exact or len(store) >= ann.DEFAULT_THRESHOLD:
+        print(f"exact search ({len(store):,} rows)", file=sys.stderr)
+    space = search_space(store, args.metric)
+    return nearest(space.vectors, store.paths, space.to_space(query), args.numResults,
+                   space.metric, collapse=not args.keep_duplicates)
 
 
 def print_results(args, hits) -> None:
@@ -71,14 +93,14 @@ def print_results(args, hits) -> None:
     width = max([8] + [len(f"{h.distance:.4f}") for h in hits])
     print(f"rank  {'distance':>{width}}  path")
     for h in hits:
-        print(f"{h.rank:>4}  {h.distance:>{width}.4f}  {h.path}{copies_note(h)}")
+        print(f"{h.rank:>4}  {h.distance:>{width}.4f}  {printable_path(h.path)}{copies_note(h)}")
 
 
 def copies_note(hit) -> str:
     if not hit.copies:
         return ""
     noun = "copy" if len(hit.copies) == 1 else "copies"
-    return f"  (+{len(hit.copies)} {noun}: {', '.join(hit.copies)})"
+    return f"  (+{len(hit.copies)} {noun}: {', '.join(map(printable_path, hit.copies))})"
 
 
 def show_picture(args, hits) -> None:
