@@ -101,10 +101,10 @@ def whitening_arrays(features: np.ndarray) -> dict[str, np.ndarray] | None:
 
 def features_metadata(extractor: FeatureExtractor, dataset: str) -> dict:
     """How a features file was made, so search can embed queries the same way."""
-    return _metadata(extractor.spec, extractor.weights, extractor.precision, dataset)
+    return _metadata(extractor.spec, extractor.weights, extractor.precision, dataset, extractor.runtime)
 
 
-def _metadata(spec: ModelSpec, weights: str, precision: str, dataset: str) -> dict:
+def _metadata(spec: ModelSpec, weights: str, precision: str, dataset: str, runtime: str = "tensorflow") -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "tool": "search_utils",
@@ -112,7 +112,7 @@ def _metadata(spec: ModelSpec, weights: str, precision: str, dataset: str) -> di
         "model": spec.name,
         "weights": weights,
         "precision": precision,
-        "runtime": "tensorflow",
+        "runtime": runtime,
         "feature_dim": spec.feature_dim,
         "preprocessing": spec.describe_preprocessing(),
         "dataset": dataset,
@@ -207,6 +207,7 @@ class ModelChoice:
     spec: ModelSpec
     weights: str | None = None  # a local weights file; None: the model's default source
     precision: str = "float32"
+    runtime: str = "tensorflow"  # not part of the identity: features equal to 1e-6
 
     @property
     def weights_source(self) -> str:
@@ -480,7 +481,8 @@ class _Update:
                 f"none of the {len(entries)} image files in {self.dataset} could be read; nothing written"
             )
         self.report.rows, self.report.skipped = len(rows), len(entries) - len(rows)
-        metadata = _metadata(self.choice.spec, self.choice.weights_source, self.choice.precision, self.dataset)
+        metadata = _metadata(self.choice.spec, self.choice.weights_source, self.choice.precision, self.dataset,
+                             self.choice.runtime)
         if self._needs_writing(metadata):
             self._write(entries, rows, metadata)
         return self.report

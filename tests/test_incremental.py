@@ -41,11 +41,11 @@ def builds(monkeypatch) -> list[str]:
     """Model builds of in-process runs (the model itself is cached)."""
     built: list[str] = []
 
-    def cached(spec, weights=None, precision="float32"):
+    def cached(spec, weights=None, precision="float32", runtime="tensorflow"):
         built.append(spec.name)
-        key = (spec, weights, precision)
+        key = (spec, weights, precision, runtime)
         if key not in _EXTRACTORS:
-            _EXTRACTORS[key] = models.load_extractor(spec, weights, precision)
+            _EXTRACTORS[key] = models.load_extractor(spec, weights, precision, runtime)
         return _EXTRACTORS[key]
 
     monkeypatch.setattr(create_imagenet_features, "load_extractor", cached)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_dataset
-from search_utils import engine, models
+from search_utils import engine, errors, models
 from search_utils.errors import ImageReadError, ModelMismatchError, UnknownModelError
 from search_utils.images import load_image
 from search_utils.indexing import embed_images
@@ -111,7 +111,6 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
         models.load_extractor(models.get_model_spec("resnet50"), str(tmp_path / "none.h5"))
 
 
-@pytest.mark.skipif(not models.bf16_supported(), reason="CPU without bfloat16 instructions")
 def test_bf16_features_stay_within_about_one_percent(tmp_path, random_weights_file):
     root = tmp_path / "ds"
     files = make_dataset(root)
@@ -143,7 +142,7 @@ def test_bf16_falls_back_to_float32_without_cpu_support(tmp_path, monkeypatch, c
     code = create_imagenet_features.main(["--dataset", str(root), "--output", str(tmp_path / "f.csv"),
                                           "--weights", str(random_weights_file), "--precision", "bf16", "-q"])
     assert code == 0
-    assert "no bfloat16 instructions" in capsys.readouterr().err
+    assert "no AMX bfloat16 units" in capsys.readouterr().err
     assert json.loads((tmp_path / "f.csv.meta.json").read_text())["precision"] == "float32"
 
 
@@ -164,3 +163,44 @@ def test_resize_option_is_used_and_recorded(tmp_path):
     assert create_imagenet_features.main(["--dataset", str(root), "--output", str(tmp_path / "f.csv"),
                                           "--model", "efficientnet_lite0", "--resize", "bicubic", "-q"]) == 0
     assert json.loads((tmp_path / "f.csv.meta.json").read_text())["preprocessing"]["resize"] == "bicubic"
+
+
+def test_openvino_runtime_gives_the_tensorflow_features(dataset):
+    """--runtime openvino runs the same model, converted: same features."""
+    from search_utils.images import load_images
+
+    root, names = dataset
+    spec = models.get_model_spec("efficientnet_lite0")
+    _, arrays, _ = load_images([str(root / n) for n in names["good"]], size=spec.input_size,
+                               interpolation=spec.resize)
+    batch = np.stack(arrays)
+    reference = models.load_extractor(spec).embed(batch)
+    converted = models.load_extractor(spec, runtime="openvino")
+    assert converted.runtime == "openvino"
+    features = converted.embed(batch)
+    assert features.shape == reference.shape
+    assert np.abs(features - reference).sum() / np.abs(reference).sum() < 1e-4
+
+
+def test_runtime_is_recorded_and_a_missing_openvino_is_one_line(tmp_path, dataset, monkeypatch):
+    import builtins
+    import json
+
+    import create_imagenet_features
+
+    root, _ = dataset
+    args = ["--dataset", str(root), "--model", "efficientnet_lite0", "--runtime", "openvino", "-q"]
+    assert create_imagenet_features.main(args + ["--output", str(tmp_path / "f.csv")]) == 0
+    assert json.loads((tmp_path / "f.csv.meta.json").read_text())["runtime"] == "openvino"
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *rest, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *rest, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(errors.RuntimeUnavailableError, match="pip install openvino"):
+        create_imagenet_features.main(args + ["--output", str(tmp_path / "g.csv")])
+    assert not (tmp_path / "g.csv").exists()

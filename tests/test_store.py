@@ -66,16 +66,16 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     St.save_features(str(path), sample_store())
     before = path.read_bytes(), (tmp_path / "features.csv.meta.json").read_bytes()
 
-    class Exploding:
-        def __init__(self, handle, **kwargs):
-            self.rows = 0
+    rows = []
+    real_field = St._csv_field
 
-        def writerow(self, row):
-            self.rows += 1
-            if self.rows == 3:
-                raise KeyboardInterrupt  # like Ctrl-C half-way through
+    def exploding_field(value):
+        rows.append(value)
+        if len(rows) == 3:
+            raise KeyboardInterrupt  # like Ctrl-C half-way through
+        return real_field(value)
 
-    monkeypatch.setattr(St.csv, "writer", Exploding)
+    monkeypatch.setattr(St, "_csv_field", exploding_field)
     with pytest.raises(KeyboardInterrupt):
         St.save_features(str(path), sample_store(seed=5))
     after = path.read_bytes(), (tmp_path / "features.csv.meta.json").read_bytes()

@@ -509,7 +509,10 @@ def test_indexing_into_hdf5_then_searching(tmp_path):
     result = run_command("create_imagenet_features.py", "--dataset", "imgs", "--output", "f.h5",
                          "--model", "efficientnet_lite0", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert [n for n in os.listdir(tmp_path) if n.startswith("f.") or n.endswith(".tmp")] == ["f.h5"]
+    # One file holds features, paths and metadata: no .meta.json, no temporary left
+    # (beside it only the indexing state, see test_incremental.py).
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("f.") or n.endswith(".tmp")) == [
+        "f.h5", "f.h5.state.sqlite"]
     store = St.load_features(str(tmp_path / "f.h5"))
     assert store.metadata["model"] == "efficientnet_lite0" and store.features.shape == (4, 1280)
     assert store.whitening_arrays is not None
