@@ -74,13 +74,19 @@ def main(argv=None) -> int:
     if args.resize:
         spec = dataclasses.replace(spec, resize=args.resize)
     # Fail fast, before the model loads; name each subfolder that can't be listed.
-    paths = list_dataset(args.dataset, on_error=lambda error: print(f"skipping {error}", file=sys.stderr))
+    unlisted = []  # subfolders that can't be listed: their recorded images keep their rows
+
+    def folder_error(error):
+        unlisted.append(error.path)
+        print(f"skipping {error}", file=sys.stderr)
+
+    paths = list_dataset(args.dataset, on_error=folder_error)
     check_output(args.output)  # before its lock file is made beside it
     choice = ModelChoice(spec, args.weights, choose_precision(spec, args.precision), args.runtime)
     with exclusive_output(args.output), Progress(args.quiet) as progress:  # lock before any work
         report = update_index(args.dataset, args.output, choice,
                               lambda: load_extractor(spec, args.weights, choice.precision, choice.runtime),
-                              paths, args.batch_size, args.rebuild, progress.events())
+                              paths, args.batch_size, args.rebuild, progress.events(), unlisted)
         keep_ann_index(args.output, report.rows, args.ann_threshold)  # under the lock: nobody replaces the file
     print(summary(report), file=sys.stderr)
     return 0

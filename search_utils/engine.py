@@ -18,7 +18,7 @@ import datetime
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -282,6 +282,7 @@ def update_index(
     batch_size: int = 32,
     rebuild: bool = False,
     events: IndexEvents | None = None,
+    unlisted: Sequence[str] = (),
 ) -> UpdateReport:
     """Bring features file `output` up to date with `dataset`, embedding only
     files whose content the indexing state (catalog) doesn't hold yet.
@@ -294,6 +295,9 @@ def update_index(
     Args:
         rebuild: forget the state and embed everything (the model is
             built first: if it can't be, the state is left as it was).
+        unlisted: subfolders of `dataset` that couldn't be listed this time
+            (see list_dataset's on_error): the files recorded under them
+            keep their rows, as they were, instead of counting as removed.
 
     Raises:
         DatasetError: no image in the folder, or none could be read.
@@ -316,7 +320,8 @@ def update_index(
         _check_stateless_output(output, identity, len(paths), events)
     with catalog.IndexState.open(catalog.state_path(output)) as state:
         _adopt_identity(state, identity, output)
-        return _Update(dataset, output, choice, state, events).run(paths, make_extractor, batch_size)
+        update = _Update(dataset, output, choice, state, events, unlisted)
+        return update.run(paths, make_extractor, batch_size)
 
 
 def check_output(output: str) -> None:
@@ -408,8 +413,9 @@ class _Update:
     """One incremental indexing run: scan, embed what's missing, write."""
 
     def __init__(self, dataset: str, output: str, choice: ModelChoice, state: catalog.IndexState,
-                 events: IndexEvents):
+                 events: IndexEvents, unlisted: Sequence[str] = ()):
         self.dataset, self.output, self.choice = dataset, output, choice
+        self.unlisted = [os.path.relpath(folder, dataset) for folder in unlisted]
         self.state, self.events = state, events
         self.pending: list[str] | None = None  # content hashes to embed, once known
         self.reported: set[str] = set()  # paths already reported as skipped
@@ -419,6 +425,7 @@ class _Update:
         try:
             entries = scan(self.dataset, paths, self.state)
             catalogue = self.state.catalogue()
+            entries += self._hidden_entries(entries, catalogue)
             self.report = UpdateReport(self.output, self.choice.spec.name, classify(entries, catalogue), 0, 0)
             todo = self._plan(entries, catalogue)
             if todo:
@@ -426,6 +433,20 @@ class _Update:
             return self._finish(entries)
         except KeyboardInterrupt:
             raise IndexingInterrupted(self._interrupted()) from None
+
+    def _hidden_entries(self, entries: list[Entry], catalogue: dict[str, str | None]) -> list[Entry]:
+        """Files of the last run inside a subfolder that can't be listed now
+        (a permission slip, an unmounted share): kept as they were, not
+        removed, so a passing problem costs no features."""
+        listed = {entry.rel for entry in entries}
+        hidden = [Entry(os.path.join(self.dataset, rel), rel, digest) for rel, digest in sorted(catalogue.items())
+                  if rel not in listed and digest is not None and self._under_unlisted(rel)]
+        if hidden:
+            self.events.note(f"kept the {len(hidden)} images recorded under folders that can't be listed now")
+        return hidden
+
+    def _under_unlisted(self, rel: str) -> bool:
+        return any(rel.startswith(os.path.join(folder, "")) for folder in self.unlisted)
 
     def _plan(self, entries: list[Entry], catalogue: dict[str, str | None]) -> dict[str, str]:
         """Content hash -> one path to embed it from, for contents the state

@@ -26,7 +26,7 @@ from conftest import REPO, assert_one_line_error, draw_picture, make_dataset, of
 from search_utils import catalog, indexing, models
 from search_utils.changes import Entry, classify
 from search_utils.engine import ModelChoice, model_identity
-from search_utils.errors import FeaturesFileError, ModelMismatchError
+from search_utils.errors import FeaturesFileError, ImageReadError, ModelMismatchError
 from search_utils.store import load_features
 
 INDEX = "create_imagenet_features.py"
@@ -404,3 +404,31 @@ def test_ctrl_c_stops_with_a_summary_and_resumes(half_done, capsys):
     stderr = index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
     assert embedded(stderr) == 54 - done
     assert_same_features(work / "f.csv", clean_run(capsys, "images"))
+
+
+def test_a_subfolder_that_cant_be_listed_keeps_its_rows(work, builds, capsys, monkeypatch):
+    """A subfolder that can't be listed this time (permissions, an unmounted
+    share) is reported, and the images recorded under it keep their rows
+    instead of counting as removed; once it is back, nothing is re-embedded."""
+    pictures(work / "ds", [1, 2])
+    pictures(work / "ds" / "sub", [3, 4])
+    index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
+    before = load_features("f.csv")
+    real_listing = create_imagenet_features.list_dataset
+
+    def sub_unlistable(dataset, on_error=None):
+        on_error(ImageReadError(os.path.join(dataset, "sub"), "folder can't be listed (Permission denied)"))
+        return [p for p in real_listing(dataset) if os.sep + "sub" + os.sep not in p]
+
+    monkeypatch.setattr(create_imagenet_features, "list_dataset", sub_unlistable)
+    err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
+    assert "ds/sub: folder can't be listed" in err
+    assert "kept the 2 images recorded under folders that can't be listed now" in err
+    assert counts(err)[3] == 0  # nothing removed
+    kept = load_features("f.csv")
+    assert kept.paths == before.paths
+    assert np.array_equal(kept.features, before.features)
+
+    monkeypatch.setattr(create_imagenet_features, "list_dataset", real_listing)
+    err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
+    assert counts(err) == (0, 0, 0, 0, 4, 0) and embedded(err) == 0
