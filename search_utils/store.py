@@ -198,20 +198,10 @@ def file_format(path: str) -> str:
 def atomic_write(path: str, newline: str | None = None, binary: bool = False) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on success, flush it
     to disk and rename it over `path`. On any error `path` is untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     text = {} if binary else {"encoding": "utf-8", "errors": ENCODING_ERRORS, "newline": newline}
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **text) as handle:
+    with _atomic_file(path) as tmp:
+        with open(tmp, "wb" if binary else "w", **text) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
 
 
 @contextlib.contextmanager
