@@ -213,6 +213,7 @@ def _atomic_file(path: str, copy_of: str | None = None) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp's 0600 would hide the file from others
         if copy_of is not None:
             _copy_file(copy_of, tmp)
             shutil.copymode(copy_of, tmp)
@@ -228,6 +229,16 @@ def _atomic_file(path: str, copy_of: str | None = None) -> Iterator[str]:
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def _file_mode(path: str) -> int:
+    """The permissions `path` has now, or a new file's (0666 less the umask)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _copy_file(source: str, target: str) -> None:

@@ -123,3 +123,23 @@ def test_metadata_that_does_not_match_the_file_is_refused(tmp_path):
     (tmp_path / "features.csv.meta.json").write_text(json.dumps(meta))
     with pytest.raises(FeaturesFileError, match="16 values per image but its metadata says 99"):
         St.load_features(str(path))
+
+
+def test_written_files_get_normal_permissions_and_keep_changed_ones(tmp_path):
+    """Atomic writes go through a private temporary file: the result must
+    still be readable by others as a plain file would be (umask), and a
+    file's own permissions survive its replacement."""
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "features.csv"
+        St.save_features(str(path), sample_store())
+        assert path.stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "features.csv.meta.json").stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        St.save_features(str(path), sample_store(seed=5))
+        assert path.stat().st_mode & 0o777 == 0o640
+        h5 = tmp_path / "features.h5"
+        St.save_features(str(h5), sample_store())
+        assert h5.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old_umask)
