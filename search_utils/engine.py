@@ -5,7 +5,7 @@ model the features file was made with).
 Indexing is incremental (`update_index`): the indexing state beside the
 features file (catalog) remembers what was embedded, so a re-run embeds only
 new and changed content (changes), checkpoints every batch, and rewrites the
-features file only at the end. `index_folder` is the one-shot form.
+features file only at the end.
 
 Collaborators that are expensive or that the tests replace (the extractor)
 are passed in, never built here unasked.
@@ -28,7 +28,7 @@ from .errors import (
     DatasetError, FeaturesFileError, ImageReadError, ModelMismatchError, SearchUtilsError, WeightsUnavailableError,
 )
 from .images import RESAMPLING, find_images, load_image
-from .indexing import EmbeddingResult, embed_batches, embed_images
+from .indexing import embed_batches
 from .models import DEFAULT_MODEL, FeatureExtractor, ModelSpec, bf16_supported, get_model_spec
 from .modes import learn_whitening, whitening_input
 from .search import find_row
@@ -40,18 +40,6 @@ from .store import (
 POST_MODEL = "resnet50"  # what the post's original script used
 
 
-@dataclass
-class IndexReport:
-    result: EmbeddingResult
-    seconds: float
-    output: str
-
-    @property
-    def images_per_second(self) -> float:
-        done = len(self.result.paths) + len(self.result.skipped)
-        return done / self.seconds if self.seconds > 0 else 0.0
-
-
 def list_dataset(dataset: str, on_error: Callable[[ImageReadError], None] | None = None) -> list[str]:
     """Image files of `dataset`; raises DatasetError if there are none.
     `on_error` hears of each subfolder that can't be listed (see find_images)."""
@@ -59,34 +47,6 @@ def list_dataset(dataset: str, on_error: Callable[[ImageReadError], None] | None
     if not paths:
         raise DatasetError(f"no image files (jpg, jpeg, png, gif, bmp, webp, tif, tiff) in {dataset}")
     return paths
-
-
-def index_folder(
-    dataset: str,
-    output: str,
-    extractor: FeatureExtractor,
-    paths: list[str] | None = None,
-    batch_size: int = 32,
-    on_progress: Callable[[int], None] | None = None,
-    on_skip=None,
-) -> IndexReport:
-    """Embed every image of `dataset` and write the features file `output`.
-
-    Raises:
-        DatasetError: no image in the folder, or none could be read (the
-            previous `output`, if any, is left as it was).
-    """
-    paths = list_dataset(dataset) if paths is None else paths
-    start = time.perf_counter()
-    result = embed_images(paths, extractor, batch_size, on_progress, on_skip)
-    seconds = time.perf_counter() - start
-    if not result.paths:
-        raise DatasetError(
-            f"none of the {len(paths)} image files in {dataset} could be read; nothing written"
-        )
-    metadata = features_metadata(extractor, dataset)
-    save_features(output, FeatureStore(result.paths, result.features, metadata, whitening_arrays(result.features)))
-    return IndexReport(result, seconds, output)
 
 
 def whitening_arrays(features: np.ndarray) -> dict[str, np.ndarray] | None:
@@ -99,12 +59,8 @@ def whitening_arrays(features: np.ndarray) -> dict[str, np.ndarray] | None:
     return {**whitening.to_arrays(), "vectors": vectors}
 
 
-def features_metadata(extractor: FeatureExtractor, dataset: str) -> dict:
+def _metadata(spec: ModelSpec, weights: str, precision: str, dataset: str, runtime: str) -> dict:
     """How a features file was made, so search can embed queries the same way."""
-    return _metadata(extractor.spec, extractor.weights, extractor.precision, dataset, extractor.runtime)
-
-
-def _metadata(spec: ModelSpec, weights: str, precision: str, dataset: str, runtime: str = "tensorflow") -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "tool": "search_utils",
@@ -563,14 +519,11 @@ def _fingerprint(output: str) -> list[list[int] | None]:
 __all__ = [
     "DEFAULT_MODEL",
     "IndexEvents",
-    "IndexReport",
     "IndexingInterrupted",
     "ModelChoice",
     "UpdateReport",
     "check_output",
     "StoreModel",
-    "features_metadata",
-    "index_folder",
     "list_dataset",
     "query_features",
     "store_model",
