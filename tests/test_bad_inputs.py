@@ -34,7 +34,7 @@ from PIL import Image, ImageFile
 
 from conftest import REPO, assert_one_line_error, draw_picture, offline_env, transparent_icon
 from search_utils import images as images_module
-from search_utils.errors import DatasetError, ImageReadError, printable_path
+from search_utils.errors import ImageReadError, printable_path
 from search_utils.images import find_images, load_image
 from search_utils.store import FeatureStore, load_features, save_features
 
@@ -564,14 +564,6 @@ def test_find_images_survives_link_loops_and_lists_awkward_names(tmp_path):
     in_closed = [os.path.join(CLOSED, "inside.png")] if (tmp_path / "zoo" / CLOSED).exists() else []
     locked = [LOCKED] if (tmp_path / "zoo" / LOCKED).exists() else []
     assert sorted(found) == sorted(list(GOOD_MAKERS) + list(BAD_MAKERS) + in_closed + locked)
-
-
-def test_a_dataset_folder_that_is_a_file_or_missing(tmp_path):
-    with pytest.raises(DatasetError, match="dataset folder not found"):
-        find_images(str(tmp_path / "nope"))
-    (tmp_path / "f.png").write_bytes(b"x")
-    with pytest.raises(DatasetError, match="not a folder"):
-        find_images(str(tmp_path / "f.png"))
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def test_find_images_recursive_sorted_case_insensitive(tmp_path):
 
 
 def test_find_images_refuses_missing_folder_and_file(tmp_path):
-    with pytest.raises(DatasetError, match="not found"):
+    with pytest.raises(DatasetError, match="dataset folder not found"):
         find_images(str(tmp_path / "missing"))
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(DatasetError, match="not a folder"):

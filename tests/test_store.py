@@ -7,14 +7,18 @@ import pytest
 from search_utils import store as St
 from search_utils.errors import FeaturesFileError
 
+# Every kind of file name a features file must carry unchanged (CSV and HDF5).
 AWKWARD_PATHS = [
     "icons/plain.png",
     "icons/with space.png",
     "icons/comma,in,name.png",
     'icons/"quoted".png',
     "icons/new\nline.png",
-    "icons/ünïcødé.png",
+    "icons/crlf\r\nline.png",
+    "icons/tab\there.png",
+    "icons/ünïcødé 图像 🙂.png",
     os.fsdecode(b"icons/latin1-\xe9.png"),  # not valid UTF-8 on disk
+    " leading and trailing ",
 ]
 
 

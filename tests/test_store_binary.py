@@ -12,21 +12,9 @@ from search_utils import modes
 from search_utils import store as St
 from search_utils.engine import whitening_arrays
 from search_utils.errors import FeaturesFileError
+from test_store import AWKWARD_PATHS
 
 CONVERT = "convert_features.py"
-
-AWKWARD_PATHS = [
-    "icons/plain.png",
-    "icons/with space.png",
-    "icons/comma,in,name.png",
-    'icons/"quoted".png',
-    "icons/new\nline.png",
-    "icons/crlf\r\nline.png",
-    "icons/tab\there.png",
-    "icons/ünïcødé 图像 🙂.png",
-    os.fsdecode(b"icons/latin1-\xe9.png"),  # not valid UTF-8 on disk
-    " leading and trailing ",
-]
 
 
 def sample_store(n=len(AWKWARD_PATHS), dim=16, seed=0, whitened=False, metadata=None):
