@@ -3,10 +3,14 @@ helper that runs the real commands in a subprocess."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -123,3 +127,57 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- permissions
+
+_PR_CAPBSET_DROP = 24
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)  # loaded in the parent: the child only calls it
+
+
+def _obey_file_permissions() -> None:
+    """Run in the child before exec: drop the two capabilities that let root
+    read any file. Root's new program then gets no such capability, so
+    chmod 000 stops it as it stops any user: a real denial, not a mock."""
+    for capability in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if _libc().prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+@functools.cache
+def permission_runner() -> tuple[Callable[[], None] | None, str | None]:
+    """(preexec_fn or None, None) if a chmod 000 file is truly unreadable to
+    the commands this way; (None, why not) otherwise, to skip honestly."""
+    preexec = None
+    if os.geteuid() == 0:
+        _libc()
+        preexec = _obey_file_permissions
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "locked"
+        probe.write_bytes(b"x")
+        probe.chmod(0)
+        try:
+            result = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"],
+                                    preexec_fn=preexec, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as error:
+            return None, f"running as root and can't drop the file-permission override: {error}"
+    if result.returncode != 0 and "PermissionError" in result.stderr:
+        return preexec, None
+    return None, "this process can read chmod 000 files (root with CAP_DAC_OVERRIDE that can't be dropped)"
+
+
+def run_as_user(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command as a user would (see conftest.run_command), obeying file
+    permissions even as root where that can be arranged. Output is decoded
+    with surrogateescape so that raw non-UTF-8 bytes show up in asserts
+    instead of crashing the test."""
+    preexec, _ = permission_runner()
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=offline_env(cwd),
+        capture_output=True, encoding="utf-8", errors="surrogateescape", timeout=600, preexec_fn=preexec,
+    )

@@ -12,7 +12,6 @@ docs/RELIABILITY.md lists these cases and the test that proves each.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import json
@@ -21,8 +20,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +29,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from conftest import REPO, assert_one_line_error, draw_picture, offline_env, transparent_icon
+from conftest import (
+    assert_one_line_error, draw_picture, permission_runner, run_as_user, transparent_icon,
+)
 from search_utils import images as images_module
 from search_utils.errors import ImageReadError, printable_path
 from search_utils.images import find_images, load_image
@@ -127,60 +126,6 @@ LOCKED = "locked.png"  # chmod 000: only where the commands really can't read it
 CLOSED = "closed"  # a subfolder chmod 000, with an image inside: likewise
 
 
-# ---------------------------------------------------------------- permissions
-
-_PR_CAPBSET_DROP = 24
-_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
-
-
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)  # loaded in the parent: the child only calls it
-
-
-def _obey_file_permissions() -> None:
-    """Run in the child before exec: drop the two capabilities that let root
-    read any file. Root's new program then gets no such capability, so
-    chmod 000 stops it as it stops any user: a real denial, not a mock."""
-    for capability in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
-        if _libc().prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-@functools.cache
-def permission_runner() -> tuple[Callable[[], None] | None, str | None]:
-    """(preexec_fn or None, None) if a chmod 000 file is truly unreadable to
-    the commands this way; (None, why not) otherwise, to skip honestly."""
-    preexec = None
-    if os.geteuid() == 0:
-        _libc()
-        preexec = _obey_file_permissions
-    with tempfile.TemporaryDirectory() as folder:
-        probe = Path(folder) / "locked"
-        probe.write_bytes(b"x")
-        probe.chmod(0)
-        try:
-            result = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"],
-                                    preexec_fn=preexec, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as error:
-            return None, f"running as root and can't drop the file-permission override: {error}"
-    if result.returncode != 0 and "PermissionError" in result.stderr:
-        return preexec, None
-    return None, "this process can read chmod 000 files (root with CAP_DAC_OVERRIDE that can't be dropped)"
-
-
-def run(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
-    """Run a command as a user would (see conftest.run_command), obeying file
-    permissions even as root where that can be arranged. Output is decoded
-    with surrogateescape so that raw non-UTF-8 bytes show up in asserts
-    instead of crashing the test."""
-    preexec, _ = permission_runner()
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=offline_env(cwd),
-        capture_output=True, encoding="utf-8", errors="surrogateescape", timeout=600, preexec_fn=preexec,
-    )
-
-
 # ---------------------------------------------------------------- the indexed zoo
 
 
@@ -228,7 +173,7 @@ def reopen(folder: Path) -> None:
 def zoo(tmp_path_factory) -> Zoo:
     work = tmp_path_factory.mktemp("zoo_work")
     good, bad = make_zoo(work / "zoo")
-    result = run(INDEX, "--dataset", "zoo", "--output", "features.csv", "--model", MODEL, "--quiet", cwd=work)
+    result = run_as_user(INDEX, "--dataset", "zoo", "--output", "features.csv", "--model", MODEL, "--quiet", cwd=work)
     zoo = Zoo(work, good, bad, result)
     zoo.skip_lines = [line for line in result.stderr.splitlines() if line.startswith("skipping ")]
     yield zoo
@@ -282,7 +227,7 @@ def test_awkward_names_survive_the_csv_byte_for_byte(zoo):
 # Spaces, commas and double quotes in one name: tests/test_cli.py::test_awkward_file_names_survive_to_the_results
 @pytest.mark.parametrize("name", ["new\nline.png", NON_UTF8_NAME, " leading and trailing space .png", "it's.png"])
 def test_awkward_names_are_found_again_as_stored_queries(zoo, name):
-    result = run(SEARCH, "--query", zoo.path(name), "--featuresPath", "features.csv", "--json", "--no-plot",
+    result = run_as_user(SEARCH, "--query", zoo.path(name), "--featuresPath", "features.csv", "--json", "--no-plot",
                  "-n", "3", cwd=zoo.work)
     assert result.returncode == 0, result.stderr
     top = json.loads(result.stdout)["results"][0]
@@ -291,7 +236,7 @@ def test_awkward_names_are_found_again_as_stored_queries(zoo, name):
 
 
 def test_results_table_and_picture_show_awkward_names_on_one_line(zoo):
-    result = run(SEARCH, "--query", zoo.path("new\nline.png"), "--featuresPath", "features.csv",
+    result = run_as_user(SEARCH, "--query", zoo.path("new\nline.png"), "--featuresPath", "features.csv",
                  "-n", str(len(zoo.good)), "--save", "picture.png", cwd=zoo.work)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -333,7 +278,7 @@ def test_odd_images_as_outside_queries_find_themselves(zoo, name, search_in_proc
 def test_huge_jpeg_query_through_the_real_command(zoo, tmp_path):
     query = tmp_path / "huge copy.jpg"
     shutil.copy(zoo.work / "zoo" / "huge.jpg", query)
-    result = run(SEARCH, "--query", query, "--featuresPath", zoo.work / "features.csv", "--json",
+    result = run_as_user(SEARCH, "--query", query, "--featuresPath", zoo.work / "features.csv", "--json",
                  "--no-plot", "--metric", "cosine", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     top = json.loads(result.stdout)["results"][0]
@@ -344,7 +289,7 @@ def test_huge_jpeg_query_through_the_real_command(zoo, tmp_path):
 def test_each_bad_file_as_a_query_is_a_one_line_error(zoo, name):
     if name not in zoo.bad and name != "missing.png":
         pytest.skip(permission_runner()[1])
-    result = run(SEARCH, "--query", zoo.path(name), "--featuresPath", "features.csv", cwd=zoo.work)
+    result = run_as_user(SEARCH, "--query", zoo.path(name), "--featuresPath", "features.csv", cwd=zoo.work)
     reason = zoo.bad.get(name, "file not found")
     assert result.returncode == 1
     assert_one_line_error(result, printable_path(zoo.path(name)), reason)
@@ -352,7 +297,7 @@ def test_each_bad_file_as_a_query_is_a_one_line_error(zoo, name):
 
 
 def test_a_folder_as_the_query_is_a_one_line_error(zoo):
-    result = run(SEARCH, "--query", "zoo/sub", "--featuresPath", "features.csv", cwd=zoo.work)
+    result = run_as_user(SEARCH, "--query", "zoo/sub", "--featuresPath", "features.csv", cwd=zoo.work)
     assert_one_line_error(result, "zoo/sub: is a folder, not an image file")
 
 
@@ -368,7 +313,7 @@ def test_a_folder_as_the_query_is_a_one_line_error(zoo):
     ],
 )
 def test_dataset_that_is_missing_or_holds_no_images(tmp_path, make, fragment):
-    result = run(INDEX, "--dataset", make(tmp_path), "--output", "f.csv", "--model", MODEL, cwd=tmp_path)
+    result = run_as_user(INDEX, "--dataset", make(tmp_path), "--output", "f.csv", "--model", MODEL, cwd=tmp_path)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "f.csv").exists()
 
@@ -437,7 +382,7 @@ def test_damaged_features_files_are_one_line_errors_for_every_command(features_f
     args = {SEARCH: ["--query", "imgs/a/0.png", "--featuresPath", name],
             EVALUATE: [name],
             CONVERT: [name, "out.h5"]}[command]
-    result = run(command, *args, cwd=features_files)
+    result = run_as_user(command, *args, cwd=features_files)
     assert result.returncode == 1
     assert_one_line_error(result, name, fragment)
     assert result.stdout == "" and not (features_files / "out.h5").exists()
@@ -452,7 +397,7 @@ def test_damaged_features_files_are_one_line_errors_for_every_command(features_f
     ],
 )
 def test_features_from_another_model_are_refused_by_search(features_files, name, extra, fragments):
-    result = run(SEARCH, "--query", "imgs/a/0.png", "--featuresPath", name, *extra, cwd=features_files)
+    result = run_as_user(SEARCH, "--query", "imgs/a/0.png", "--featuresPath", name, *extra, cwd=features_files)
     assert result.returncode == 1
     assert_one_line_error(result, *fragments)
 
@@ -471,7 +416,7 @@ def write_like_the_posts_script(path: Path, image_paths: list[str], dim: int = 2
 def test_a_file_from_the_posts_script_is_taken_for_resnet50_with_one_note(tmp_path):
     paths = [f"dataset/{i}.jpg" for i in range(4)]
     rows = write_like_the_posts_script(tmp_path / "index.csv", paths)
-    result = run(SEARCH, "--query", "dataset/2.jpg", "--featuresPath", "index.csv", "--json", "--no-plot",
+    result = run_as_user(SEARCH, "--query", "dataset/2.jpg", "--featuresPath", "index.csv", "--json", "--no-plot",
                  "-n", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
@@ -479,7 +424,7 @@ def test_a_file_from_the_posts_script_is_taken_for_resnet50_with_one_note(tmp_pa
     assert json.loads(result.stdout)["results"][0] == {"rank": 1, "distance": 0.0, "path": "dataset/2.jpg",
                                                         "copies": []}
     assert not (tmp_path / "index.csv.meta.json").exists()  # searching doesn't write beside it
-    converted = run(CONVERT, "index.csv", "index.h5", cwd=tmp_path)
+    converted = run_as_user(CONVERT, "index.csv", "index.h5", cwd=tmp_path)
     assert converted.returncode == 0, converted.stderr
     assert np.array_equal(load_features(str(tmp_path / "index.h5")).features, rows)
 
