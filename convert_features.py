@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+
+import numpy as np
 
 from search_utils import cli
+from search_utils.errors import FeaturesFileError, printable_path
 from search_utils.store import HDF5_EXTENSIONS, file_format, load_features, output_format, save_features
+from search_utils.store.hdf5_format import FLOAT16_MAX
 
 
 def parse_args(argv):
@@ -35,10 +40,17 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    target = output_format(args.output)  # an unsupported extension fails before any reading
-    store = load_features(args.input)
+    check_writable(args.output)  # a place that can't be written fails before any reading
+    target = output_format(args.output)  # so does an unsupported extension
+    store = load_features(args.input)  # refuses NaN, infinity, empty paths: neither reader would take them back
     source = f"{file_format(args.input)}, {_size(args.input)}"
     dtype = "float16" if args.float16 else "float32"
+    check_storable(args.input, store, target, dtype)
+    if store.whitening_arrays is not None and not all(np.isfinite(a).all() for a in store.whitening_arrays.values()):
+        # Either reader would drop it as damaged: don't copy it.
+        print(f"note: the whitening stored with {args.input} holds values that are not finite numbers (damaged?); "
+              f"not copied (search learns it again when needed)", file=sys.stderr)
+        store.whitening_arrays = None
     save_features(args.output, store, dtype=dtype)
     whitening = "with" if store.whitening_arrays is not None else "no"
     stored = f"{target}, {dtype}" if target == "hdf5" else target
@@ -48,6 +60,54 @@ def main(argv=None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def check_writable(output: str) -> None:
+    """Refuse, before the input is read, an output that can't be written:
+    a folder's name, a folder that doesn't exist or isn't a folder, a folder
+    this user can't write in (tried for real, with a temporary file that is
+    removed at once).
+
+    Raises:
+        FeaturesFileError: which, in one line.
+    """
+    if os.path.isdir(output):
+        raise FeaturesFileError(f"cannot write {output}: it is a folder; name a file in it")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        missing = "does not exist" if not os.path.exists(folder) else "is a file, not a folder"
+        raise FeaturesFileError(f"cannot write {output}: folder {folder} {missing}")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
+    except OSError as error:
+        raise FeaturesFileError(f"cannot write {output}: folder {folder}: {error.strerror or error}") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def check_storable(input_path: str, store, target: str, dtype: str) -> None:
+    """Refuse, before writing, what the output format can't hold: values
+    beyond float16's range (--float16), a NUL character in a path (HDF5;
+    no file name holds one, but a CSV row can).
+
+    Raises:
+        FeaturesFileError: naming the input's row where it helps.
+    """
+    if dtype == "float16" and store.features.size:
+        largest = float(np.abs(store.features).max())
+        if largest > FLOAT16_MAX:
+            row = int(np.flatnonzero((np.abs(store.features) > FLOAT16_MAX).any(axis=1))[0])
+            raise FeaturesFileError(
+                f"{input_path} holds values up to {largest:g} (first in row {row + 1}, "
+                f"{printable_path(store.paths[row])}), beyond float16's {FLOAT16_MAX:g}: convert without --float16"
+            )
+    if target == "hdf5":
+        for row, image_path in enumerate(store.paths, start=1):
+            if "\0" in image_path:
+                raise FeaturesFileError(
+                    f"malformed features file {input_path}: row {row} ({printable_path(image_path)}) has a NUL "
+                    f"character in its image path, which no file name can hold"
+                )
 
 
 def _size(path: str) -> str:

@@ -9,9 +9,11 @@ removed ones are dropped); an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+import tempfile
 
 from search_utils import ann, cli
 from search_utils.engine import IndexEvents, ModelChoice, UpdateReport, check_output, list_dataset, update_index
@@ -45,6 +47,9 @@ def parse_args(argv):
                         help="build an approximate-search index beside the features once the collection has "
                              f"N images or more (default: {ann.DEFAULT_THRESHOLD:,}; below it an exact scan "
                              "is fast enough)")
+    parser.add_argument("--include-hidden", action="store_true",
+                        help="also index hidden files and folders (names starting with a dot, e.g. .thumbnails/, "
+                             "which usually hold copies of the real pictures)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -80,16 +85,55 @@ def main(argv=None) -> int:
         unlisted.append(error.path)
         print(f"skipping {error}", file=sys.stderr)
 
-    paths = list_dataset(args.dataset, on_error=folder_error)
-    check_output(args.output)  # before its lock file is made beside it
+    paths = list_dataset(args.dataset, on_error=folder_error, include_hidden=args.include_hidden)
+    check_output(args.output)  # every file the run writes, before its lock file is made beside it
     choice = ModelChoice(spec, args.weights, choose_precision(spec, args.precision), args.runtime)
     with exclusive_output(args.output), Progress(args.quiet) as progress:  # lock before any work
         report = update_index(args.dataset, args.output, choice,
-                              lambda: load_extractor(spec, args.weights, choice.precision, choice.runtime),
+                              lambda: load_model(spec, args.weights, choice.precision, choice.runtime),
                               paths, args.batch_size, args.rebuild, progress.events(), unlisted)
         keep_ann_index(args.output, report.rows, args.ann_threshold)  # under the lock: nobody replaces the file
     print(summary(report), file=sys.stderr)
     return 0
+
+
+def load_model(spec, weights, precision: str, runtime: str):
+    """load_extractor, with an interrupt (Ctrl-C, SIGTERM) while it works
+    left to the one-line message alone (see start_up_lines_dropped_on_interrupt)."""
+    with start_up_lines_dropped_on_interrupt():
+        return load_extractor(spec, weights, precision, runtime)
+
+
+@contextlib.contextmanager
+def start_up_lines_dropped_on_interrupt():
+    """Drop what reaches file descriptor 2 inside the block if it ends with
+    an interrupt; pass it on otherwise.
+
+    TensorFlow's C++ side logs lines as its libraries load (absl's "All log
+    messages before absl::InitializeLog() ...", oneDNN's "custom operations
+    are on", the CUDA driver probe), twice over here: those are logged
+    before any log level applies, so TF_CPP_MIN_LOG_LEVEL (even 3) doesn't
+    stop them (tried with TensorFlow 2.21). models.load_extractor holds them
+    back and shows them only if loading fails, where they may explain why;
+    an interrupt is no such failure, and they would come before its line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    interrupted = False
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not interrupted:
+                caught.seek(0)
+                with open(os.dup(2), "wb", closefd=True) as stderr:
+                    stderr.write(caught.read())
 
 
 def keep_ann_index(output: str, rows: int, threshold: int) -> None:

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         labels = labels_from_folders(store.paths)
     if labels.labelled == 0:
         raise LabelsError(f"no image of {args.features} has a label in {args.labels or 'its folder name'}")
-    space = search_space(store, args.metric)
+    space = search_space(store, args.metric, source=args.features)  # refuses values the mode can't use
     result = evaluate(space.vectors, labels, metric=space.metric)
     if result["queries"] == 0:
         raise LabelsError("no query has a relevant image to find (every label is unique)")

@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass
 
 from search_utils import ann, cli, plot
-from search_utils.errors import printable_path
+from search_utils.errors import PictureError, printable_path
 from search_utils.engine import query_features, store_model
 from search_utils.models import MODELS, load_extractor
 from search_utils.modes import DEFAULT_MODE, MODES, search_space
-from search_utils.search import nearest
+from search_utils.result_paths import usable_hits
+from search_utils.search import ValueCheck, nearest
 from search_utils.store import load_features
 
 DEFAULT_PICTURE = "search_results.png"
@@ -37,30 +40,86 @@ def parse_args(argv):
                         help="expected model; refuse a features file made with another")
     parser.add_argument("--weights", metavar="PATH",
                         help="local weights file for embedding an outside query (default: as recorded when indexing)")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
-    parser.add_argument("--save", metavar="PNG", help="save the results picture here")
-    parser.add_argument("--no-plot", action="store_true", help="no results picture")
+    parser.add_argument("--json", action="store_true",
+                        help="print results as JSON; no picture then, unless --save is given (JSON is for scripts)")
+    picture = parser.add_mutually_exclusive_group()
+    picture.add_argument("--save", metavar="FILE",
+                         help="save the results picture to FILE instead of showing it, in the format its extension "
+                              "names (png, jpg, pdf, svg, ...: what matplotlib can write); with no extension, "
+                              ".png is appended and the message names the file written. A folder is refused: "
+                              "name a file in it. Without --save the picture opens in a window, or, with no "
+                              f"display, is saved to {DEFAULT_PICTURE} in the current folder")
+    picture.add_argument("--no-plot", action="store_true", help="no results picture")
     args = parser.parse_args(argv)
     if args.numResults < 1:
         parser.error(f"argument -n/--numResults: must be at least 1, got {args.numResults}")
+    for option, value in (("-q/--query", args.query), ("-f/--featuresPath", args.featuresPath)):
+        if not value:
+            parser.error(f"argument {option}: empty")
+    if args.save is not None:
+        try:
+            plot.check_picture_name(args.save)
+        except PictureError as error:
+            parser.error(f"argument --save: {error}")
     return args
+
+
+@dataclass(frozen=True)
+class PicturePlan:
+    file: str | None = None  # where the picture is saved; None: not saved
+    show: bool = False  # open it in a window
+
+
+def plan_picture(args) -> PicturePlan:
+    """Where the picture goes, checked before the search does any work, so a
+    picture that can't be written fails at once, not after the search.
+
+    Raises:
+        PictureError: the file can't be written (see plot.picture_file).
+    """
+    if args.no_plot or (args.json and args.save is None):
+        return PicturePlan()
+    if args.save is not None:
+        return PicturePlan(file=checked_picture_file(args.save, args.query))
+    if plot.display_available():
+        return PicturePlan(show=True)
+    try:
+        return PicturePlan(file=checked_picture_file(DEFAULT_PICTURE, args.query))
+    except PictureError as error:
+        raise PictureError(f"{error}; there is no display to show it, so pass --save PATH to save it "
+                           f"elsewhere, or --no-plot") from None
+
+
+def checked_picture_file(name: str, query: str) -> str:
+    file = plot.picture_file(name)
+    try:
+        overwrites_query = os.path.samefile(file, query)
+    except OSError:  # either is missing: not the same file
+        overwrites_query = False
+    if overwrites_query:  # the picture would replace the very image it shows
+        raise PictureError(f"cannot save the picture to {printable_path(file)}: it is the query image")
+    return file
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    picture = plan_picture(args)
     store = load_features(args.featuresPath, mmap=True)  # HDF5: rows are read when used
     model = store_model(store, args.model)
     weights = args.weights or model.weights
     query, reused = query_features(store, args.query, model.spec,
                                    lambda: load_extractor(model.spec, weights, model.precision))
+    hits = usable_hits(find_hits(args, store, query), store.metadata.get("base_dir"))
+    # Notes once the search went through: a refused search is its one error line.
     if model.assumed:
-        print(f"note: {args.featuresPath} has no metadata file; took it for the post's "
-              f"{model.spec.name} features", file=sys.stderr)
+        shown = printable_path(args.featuresPath)
+        why = f"the metadata of {shown} names no model" if store.metadata else f"{shown} has no metadata file"
+        print(f"note: {why}; took it for the post's {model.spec.name} features", file=sys.stderr)
     if not reused:
         print(f"embedded the query with {model.spec.name}", file=sys.stderr)
-    hits = find_hits(args, store, query)
     print_results(args, hits)
-    show_picture(args, hits)
+    note_fewer_results(args, len(store), hits)
+    show_picture(args, picture, hits)
     return 0
 
 
@@ -71,17 +130,31 @@ def find_hits(args, store, query) -> list:
     index = None
     if args.metric == "chi2" and not args.exact:
         index = ann.fresh_index(args.featuresPath, store.features)
+    # Values no distance can use (NaN, infinity; negative for chi2) are refused in one line, naming the
+    # row: the ANN path checks the query and the candidate rows it reads, search_space every row it
+    # will scan (search.ValueCheck). So the notes below come once the search has gone through.
     if index is not None:
         candidates = max(ann.DEFAULT_CANDIDATES, 4 * args.numResults)
+        values = ValueCheck(args.featuresPath, store.paths, "chi2")
+        hits = ann.nearest(index, values.reading(store.features), store.paths, values.query(query),
+                           args.numResults, candidates=candidates, collapse=not args.keep_duplicates)
         print(f"approximate search ({index.describe()}, {candidates} candidates re-ranked "
               "with exact chi2; --exact scans every row)", file=sys.stderr)
-        return ann.nearest(index, store.features, store.paths, query, args.numResults,
-                           candidates=candidates, collapse=not args.keep_duplicates)
+        return hits
+    space = search_space(store, args.metric, source=args.featuresPath)
+    query = space.to_space(query)
     if args.exact or len(store) >= ann.DEFAULT_THRESHOLD:
         print(f"exact search ({len(store):,} rows)", file=sys.stderr)
-    space = search_space(store, args.metric)
-    return nearest(space.vectors, store.paths, space.to_space(query), args.numResults,
+    return nearest(space.vectors, store.paths, query, args.numResults,
                    space.metric, collapse=not args.keep_duplicates)
+
+
+def note_fewer_results(args, rows: int, hits: list) -> None:
+    if len(hits) >= args.numResults:
+        return
+    folded = "" if args.keep_duplicates else " (copies of one image count once)"
+    print(f"note: {len(hits)} results, fewer than the {args.numResults} asked for: "
+          f"{printable_path(args.featuresPath)} holds {rows} images{folded}", file=sys.stderr)
 
 
 def print_results(args, hits) -> None:
@@ -103,17 +176,19 @@ def copies_note(hit) -> str:
     return f"  (+{len(hit.copies)} {noun}: {', '.join(map(printable_path, hit.copies))})"
 
 
-def show_picture(args, hits) -> None:
-    if args.no_plot:
+def show_picture(args, picture: PicturePlan, hits: list) -> None:
+    if picture.file is None and not picture.show:
         return
-    figure = plot.results_figure(args.query, hits)
-    target = args.save
-    if target is None and not plot.display_available():
-        target = DEFAULT_PICTURE
-    if target:
-        plot.save_figure(figure, target)
-        print(f"saved the results picture to {target}", file=sys.stderr)
-    if plot.display_available() and args.save is None:
+    shown = hits[:plot.MOST_RESULTS_SHOWN]
+    if len(shown) < len(hits):
+        print(f"note: the picture shows the first {len(shown)} of the {len(hits)} results", file=sys.stderr)
+    figure = plot.results_figure(args.query, shown)
+    if picture.file is not None:
+        plot.save_figure(figure, picture.file)
+        renamed = args.save is not None and picture.file != args.save
+        print(f"saved the results picture to {printable_path(picture.file)}"
+              f"{' (.png appended: --save had no extension)' if renamed else ''}", file=sys.stderr)
+    if picture.show:
         plot.show_figure(figure)
 
 

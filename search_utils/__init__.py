@@ -5,9 +5,12 @@ Pieces, one job each:
     models   registry of backbones; batched, compiled feature extractor
     indexing files -> features, decoding overlapped with inference
     catalog  indexing state beside a features file: checkpoints, what was embedded
+    statedb  the SQLite connection under it: schema, transactions, errors
     changes  what changed in a folder since its last indexing run
-    store    features files (the post's CSV) and their metadata
+    store    features files (the post's CSV, HDF5), metadata, whitening,
+             published as one consistent generation; atomic writes
     search   distances over all rows, top N
+    result_paths  result paths that open from the folder you search in
     plot     the results picture
     engine   the commands' two jobs as library calls
     cli      shared command-line plumbing (one-line errors, exit codes)

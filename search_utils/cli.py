@@ -1,7 +1,10 @@
 """Command-line plumbing shared by the commands: one-line errors, exit codes.
 
 The library raises SearchUtilsError subclasses; only this layer turns them
-into a message on stderr and an exit status.
+into a message on stderr and an exit status. A file-system failure (OSError)
+that no layer below put into words still reaches the user as one line naming
+the file and the operating system's reason; any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import signal
 import sys
 from typing import Callable, Sequence
 
-from .errors import SearchUtilsError
+from .errors import SearchUtilsError, printable_path
 
 EXIT_INTERRUPTED = 130
 
@@ -42,6 +45,23 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except OSError as error:  # the backstop: a file that couldn't be read or written, said in one line
+        error_line(prog, os_error_message(error))
+        return 1
+
+
+def os_error_message(error: OSError) -> str:
+    """`<file>: <reason>` for an OSError: the file(s) it names, shown on one
+    line, then the operating system's reason (`Permission denied`)."""
+    reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+    names = [_shown(name) for name in (error.filename, error.filename2) if name is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def _shown(name) -> str:
+    if isinstance(name, (str, bytes, os.PathLike)):
+        return printable_path(os.fsdecode(name))
+    return str(name)  # a file descriptor
 
 
 def _interrupt(signum, frame):

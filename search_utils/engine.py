@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import __version__, catalog
+from . import __version__, ann, catalog, locking
 from .changes import Changes, Entry, classify, scan
 from .errors import (
     DatasetError, FeaturesFileError, ImageReadError, ModelMismatchError, SearchUtilsError, WeightsUnavailableError,
@@ -34,18 +34,21 @@ from .modes import learn_whitening, whitening_input
 from .search import find_row
 from .store import (
     FORMAT_VERSION, FeatureStore, file_format, load_features, metadata_path, output_format, read_metadata,
-    remove_stale_temporaries, save_features, whitening_path,
+    NEXT_SUFFIX, recover_interrupted_write, save_features, whitening_path,
 )
 
 POST_MODEL = "resnet50"  # what the post's original script used
 
 
-def list_dataset(dataset: str, on_error: Callable[[ImageReadError], None] | None = None) -> list[str]:
+def list_dataset(dataset: str, on_error: Callable[[ImageReadError], None] | None = None,
+                 include_hidden: bool = False) -> list[str]:
     """Image files of `dataset`; raises DatasetError if there are none.
-    `on_error` hears of each subfolder that can't be listed (see find_images)."""
-    paths = find_images(dataset, on_error)
+    `on_error` hears of each subfolder that can't be listed; hidden files
+    and folders are left out unless `include_hidden` (see find_images)."""
+    paths = find_images(dataset, on_error, include_hidden)
     if not paths:
-        raise DatasetError(f"no image files (jpg, jpeg, png, gif, bmp, webp, tif, tiff) in {dataset}")
+        hint = "" if include_hidden else " (hidden files and folders are skipped: --include-hidden)"
+        raise DatasetError(f"no image files (jpg, jpeg, png, gif, bmp, webp, tif, tiff) in {dataset}{hint}")
     return paths
 
 
@@ -90,34 +93,53 @@ class StoreModel:
 def store_model(store: FeatureStore, requested: str | None = None) -> StoreModel:
     """The model (and weights) a features file was made with.
 
+    A file whose metadata names no model (no metadata file: the post's
+    script; or "model" missing or null) is taken for the post's ResNet50.
+
     Args:
         requested: a model name the user asked for; it must match the file.
 
     Raises:
         ModelMismatchError: the file's model or dimension contradicts the
             request or the registry.
+        FeaturesFileError: the metadata names a model that is not a name.
+        UnknownModelError: the metadata names a model this tool doesn't know.
     """
-    name = store.metadata.get("model")
-    assumed = name is None
-    spec = get_model_spec(name or POST_MODEL)
+    import json  # here, not at the top: this function is all of engine.py this change may touch
+
+    from .errors import UnknownModelError
+    from .models import PRECISIONS
+
+    metadata = store.metadata
+    name = metadata.get("model")
+    if name is not None and not isinstance(name, str):
+        raise FeaturesFileError(f"the features file's metadata names model {json.dumps(name)}, which is not "
+                                f"a model name; re-index the images")
+    assumed = not name
+    why = "no metadata file" if not metadata else "its metadata names no model"  # when assumed
+    try:
+        spec = get_model_spec(POST_MODEL if assumed else name)
+    except UnknownModelError as error:
+        raise UnknownModelError(f"the features file's metadata names {error}") from None
     if requested is not None and requested != spec.name:
         raise ModelMismatchError(
             f"features file was made with {spec.name}, not {requested}; "
             f"re-index with --model {requested} or drop --model"
         )
     if store.dim != spec.feature_dim:
-        source = "the post's resnet50 (no metadata file)" if assumed else spec.name
+        source = f"the post's resnet50 ({why})" if assumed else spec.name
         raise ModelMismatchError(
             f"features file has {store.dim} values per image but {source} gives {spec.feature_dim}"
         )
-    recorded_resize = store.metadata.get("preprocessing", {}).get("resize")
-    if recorded_resize in RESAMPLING:  # indexed with --resize: embed queries alike
+    preprocessing = metadata.get("preprocessing")
+    recorded_resize = preprocessing.get("resize") if isinstance(preprocessing, dict) else None
+    if isinstance(recorded_resize, str) and recorded_resize in RESAMPLING:  # indexed with --resize: embed queries alike
         spec = dataclasses.replace(spec, resize=recorded_resize)
-    weights = store.metadata.get("weights")
-    if weights in (None, spec.default_weights):
-        weights = None
-    precision = store.metadata.get("precision", "float32")
-    if precision == "bf16" and not bf16_supported():
+    weights = metadata.get("weights")
+    if not isinstance(weights, str) or weights == spec.default_weights:
+        weights = None  # a value that names no file (hand-edited): the model's default source
+    precision = metadata.get("precision", "float32")
+    if precision not in PRECISIONS or (precision == "bf16" and not bf16_supported()):
         precision = "float32"
     return StoreModel(spec, weights, assumed, precision)
 
@@ -248,9 +270,17 @@ def update_index(
     changed. `make_extractor` is called only if something needs embedding.
     The caller holds `locking.exclusive_output(output)`.
 
+    A run that fails or is interrupted before its first checkpoint leaves
+    no state behind if there was none before it (a state holding features
+    is never deleted).
+
     Args:
-        rebuild: forget the state and embed everything (the model is
-            built first: if it can't be, the state is left as it was).
+        rebuild: forget the state and embed everything. The rebuild is
+            recorded in the state before anything else, so a run killed at
+            any point of it leaves the next run, with or without `rebuild`,
+            to finish it; the model is built before the state forgets
+            anything: if it can't be, the state is left as it was. A
+            rebuild already under way with the same model resumes.
         unlisted: subfolders of `dataset` that couldn't be listed this time
             (see list_dataset's on_error): the files recorded under them
             keep their rows, as they were, instead of counting as removed.
@@ -268,31 +298,81 @@ def update_index(
     events = events or IndexEvents()
     paths = list_dataset(dataset) if paths is None else paths
     identity = model_identity(choice)
-    remove_stale_temporaries(output)  # a run killed while writing leaves them
-    if rebuild:
-        make_extractor = _built_now(make_extractor)  # a model that can't be had leaves the state as it was
-        catalog.remove_state(output)
-    elif not catalog.state_exists(output):
+    recover_interrupted_write(output)  # what a run killed while writing left
+    created = not catalog.state_exists(output)  # by this run: removed again if it fails before a checkpoint
+    if created and not rebuild:
         _check_stateless_output(output, identity, len(paths), events)
-    with catalog.IndexState.open(catalog.state_path(output)) as state:
-        _adopt_identity(state, identity, output)
-        update = _Update(dataset, output, choice, state, events, unlisted)
-        return update.run(paths, make_extractor, batch_size)
+    requested = False  # this run recorded a rebuild that a kill would leave to the next run
+    try:
+        try:
+            state = catalog.IndexState.open(catalog.state_path(output))
+        except catalog.DamagedStateError:
+            if not rebuild:
+                raise
+            make_extractor = _built_now(make_extractor)  # a model that can't be had leaves the state as it was
+            catalog.remove_state(output)
+            created, state = True, catalog.IndexState.open(catalog.state_path(output))
+        with state:
+            mark, recorded = state.rebuild, state.identity
+            same_model = recorded is not None and all(recorded.get(k) == identity[k] for k in IDENTITY_KEYS)
+            under_way = mark == catalog.REBUILD_STARTED  # forgotten already, being embedded again
+            if created and rebuild:
+                state.reset()  # nothing to forget: only the mark, for a resumed run's note
+            elif mark == catalog.REBUILD_REQUESTED or (rebuild and not (under_way and same_model)):
+                if not rebuild:
+                    events.note(f"an earlier --rebuild of {output} was stopped before it began: finishing it "
+                                f"(everything is embedded again)")
+                requested = True
+                make_extractor = _built_now(make_extractor, state)
+            elif under_way and not same_model and state.holds_features():
+                raise ModelMismatchError(
+                    f"{output} has an unfinished --rebuild with {recorded.get('model')} in its indexing state: "
+                    f"run that command again to finish it, or pass --rebuild to start again with {identity['model']}"
+                )
+            _adopt_identity(state, identity, output)
+            update = _Update(dataset, output, choice, state, events, unlisted)
+            return update.run(paths, make_extractor, batch_size)
+    except BaseException as error:
+        discarded = created and catalog.discard_if_empty(output)
+        if discarded and isinstance(error, (KeyboardInterrupt, IndexingInterrupted)):
+            raise IndexingInterrupted("interrupted before any image was embedded: nothing was written; "
+                                      "run the same command again") from None
+        if isinstance(error, KeyboardInterrupt):  # outside _Update.run: opening the state, or a rebuild's model
+            done = ("the --rebuild is recorded, and the next run (with or without --rebuild) finishes it"
+                    if requested else "run the same command again")
+            raise IndexingInterrupted(f"interrupted before embedding started: {output} is as it was; {done}") from None
+        raise
 
 
 def check_output(output: str) -> None:
-    """Refuse, before any work, a features file name that can't be written.
+    """Refuse, before any work (and before the model loads), an output this
+    process can't write, naming the file and why: an unsupported extension;
+    the features file, or a file written beside it (metadata, whitening,
+    approximate-search index, lock, indexing state and SQLite's journals),
+    that is a folder; a missing folder, or a file where it should be; a
+    folder where files can't be created (permissions, a read-only file
+    system); a lock or state file that exists but can't be written. Tried
+    as the run will write (locking.create_problem, rewrite_problem). A full
+    disk often shows only when the lock or the state is first written, which
+    is still before the model loads.
 
     Raises:
-        FeaturesFileError: an unsupported extension, a folder, or a folder
-            that doesn't exist.
+        FeaturesFileError: the message names the file and the reason.
     """
     output_format(output)
-    if os.path.isdir(output):
-        raise FeaturesFileError(f"cannot write features file {output}: it is a folder")
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise FeaturesFileError(f"cannot write features file {output}: folder {folder} does not exist")
+    problem = locking.create_problem(output)
+    if problem:
+        raise FeaturesFileError(f"cannot write features file {output}: {problem}")
+    sidecars = (metadata_path(output), whitening_path(output), ann.index_path(output))
+    for path in sidecars + tuple(name + NEXT_SUFFIX for name in sidecars[:2]):  # replaced by renames
+        if os.path.isdir(path):
+            raise FeaturesFileError(f"cannot write {path}: it is a folder")
+    in_place = [("lock file", locking.lock_path(output))]
+    in_place += [("indexing state", path) for path in catalog.state_files(output)]
+    for kind, path in in_place:
+        problem = locking.rewrite_problem(path)
+        if problem:
+            raise FeaturesFileError(f"cannot write {kind} {path}: {problem}")
 
 
 def _check_stateless_output(output: str, identity: dict, count: int, events: IndexEvents) -> None:
@@ -318,8 +398,24 @@ def _recorded_model(output: str) -> str | None:
     return metadata.get("model")
 
 
-def _built_now(make_extractor: Callable[[], FeatureExtractor]) -> Callable[[], FeatureExtractor]:
-    extractor = make_extractor()
+def _built_now(make_extractor: Callable[[], FeatureExtractor],
+               state: catalog.IndexState | None = None) -> Callable[[], FeatureExtractor]:
+    """Build the model now, for a rebuild: before the state forgets anything,
+    so a model that can't be had leaves it as it was. With `state`, the
+    rebuild is recorded in it first (from then on a killed run leaves the
+    next one to finish it); once the model is built, the state is reset."""
+    previous = state.request_rebuild() if state is not None else None
+    try:
+        extractor = make_extractor()
+    except Exception:  # can't be built: the rebuild doesn't happen (an interrupt keeps the record)
+        if state is not None:
+            try:
+                state.set_rebuild(previous)
+            except catalog.StateFileError:
+                pass  # the model's error is the one to report
+        raise
+    if state is not None:
+        state.reset()
     return lambda: extractor
 
 
@@ -421,7 +517,8 @@ class _Update:
             elif entry.hash not in published:
                 resumed.add(entry.hash)
         if resumed:
-            self.events.note(f"resuming an unfinished run: {len(resumed)} images were embedded already")
+            run = "--rebuild" if self.state.rebuild == catalog.REBUILD_STARTED else "run"
+            self.events.note(f"resuming an unfinished {run}: {len(resumed)} images were embedded already")
         self.pending = list(todo)
         return todo
 

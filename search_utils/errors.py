@@ -73,3 +73,9 @@ class RuntimeUnavailableError(SearchUtilsError):
     """The inference runtime asked for can't be used here."""
 
     exit_code = 2
+
+
+class PictureError(SearchUtilsError):
+    """The results picture can't be written where asked (or where it would
+    go by default): a missing or read-only folder, a folder's name, a format
+    matplotlib can't write."""

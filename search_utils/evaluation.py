@@ -40,13 +40,17 @@ def read_label_records(path: str) -> list[dict]:
     Raises:
         LabelsError: unreadable file, or records without path and label.
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read for ever
+        raise LabelsError(f"labels file {path} is not a regular file")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             if path.lower().endswith(".json"):
                 records = json.load(handle)
             else:
                 records = list(csv.DictReader(handle))
-    except (OSError, ValueError) as error:
+    except OSError as error:
+        raise LabelsError(f"cannot read labels file {path}: {error.strerror or error}") from None
+    except ValueError as error:
         raise LabelsError(f"cannot read labels file {path}: {error}") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise LabelsError(f"labels file {path} must hold a list of records")

@@ -6,6 +6,7 @@ requested size, or raises ImageReadError saying precisely why it can't.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -15,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import DatasetError, ImageReadError, printable_path
 
@@ -34,6 +35,10 @@ REDUCED_MARGIN = 4
 # (palette indices, 1-bit, 16-bit) are subsampled instead.
 REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"})
 BOMB_REASON = "too many pixels (over Pillow's decompression-bomb limit); skipped without decoding"
+JPEG_BOMB_REASON = ("too many pixels (over Pillow's decompression-bomb limit) for a JPEG that can't be decoded "
+                    "reduced (progressive, or one scan per colour); skipped without decoding")
+REDUCED_BOMB_REASON = ("too many pixels (over Pillow's decompression-bomb limit even decoded reduced); "
+                       "skipped without decoding")
 
 # Same names and filters as keras.utils.load_img(interpolation=...).
 RESAMPLING = {
@@ -53,49 +58,162 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def find_images(folder: str, on_error: Callable[[ImageReadError], None] | None = None) -> list[str]:
+def find_images(
+    folder: str,
+    on_error: Callable[[ImageReadError], None] | None = None,
+    include_hidden: bool = False,
+) -> list[str]:
     """List image files under `folder`, recursively, in a deterministic order.
 
     Paths are `folder` joined with each file's path inside it, as the post
-    wrote them. Symlinked folders are not followed (so a link loop can't
-    make the walk endless); symlinked files are listed, and a broken or
-    looping one fails later with a clear reason.
+    wrote them.
+
+    Hidden files and folders (names starting with a dot: `.thumbnails/`,
+    `.git/`, macOS's `._photo.jpg` companions) are left out unless
+    `include_hidden`: they hold caches, copies and metadata, not the
+    user's pictures. `folder` itself is listed even if its name is hidden.
+
+    Symlinked folders are followed, wherever they lead, and every real
+    folder is listed once: by `folder`'s own subfolders first, then through
+    the links in the order found. A link back up the tree (a loop), or to a
+    folder listed already, adds nothing. Symlinked files are listed like
+    files; a broken or looping one fails later with a clear reason.
 
     Args:
         on_error: called once for each subfolder that can't be listed (e.g.
             no permission), whose images are therefore missing from the list.
+        include_hidden: list hidden files and walk hidden folders too.
 
     Raises:
         DatasetError: `folder` does not exist, is not a folder, or can't be
             listed.
     """
-    if not os.path.exists(folder):
-        raise DatasetError(f"dataset folder not found: {printable_path(folder)}")
-    if not os.path.isdir(folder):
-        raise DatasetError(f"dataset is not a folder: {printable_path(folder)}")
-    relative = []
-    for root, _dirs, files in os.walk(folder, onerror=_walk_error_handler(folder, on_error)):
-        rel_root = os.path.relpath(root, folder)
-        for name in files:
-            if is_image_name(name):
-                relative.append(os.path.normpath(os.path.join(rel_root, name)))
-    return [os.path.join(folder, rel) for rel in sorted(relative, key=_sort_key)]
+    walk = _Walk(folder, on_error, include_hidden)
+    walk.run()
+    return [os.path.join(folder, rel) for rel in sorted(walk.found, key=_sort_key)]
 
 
-def _walk_error_handler(
-    folder: str, on_error: Callable[[ImageReadError], None] | None
-) -> Callable[[OSError], None]:
-    """os.walk drops folders it can't list without a word; say so instead."""
+def _folder_identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
 
-    def handle(error: OSError) -> None:
-        failed = error.filename if isinstance(error.filename, str) else folder
-        if os.path.normpath(failed) == os.path.normpath(folder):
-            raise DatasetError(f"cannot list dataset folder {printable_path(folder)}: {error.strerror or error}")
-        if on_error is not None:
-            reason = (error.strerror or type(error).__name__).lower()
-            on_error(ImageReadError(failed, f"folder can't be listed ({reason}); its images are not indexed"))
 
-    return handle
+class _Walk:
+    """One listing of a dataset: the real folders first, then the symlinked
+    folders found on the way (breadth first), each real folder once."""
+
+    def __init__(self, folder: str, on_error: Callable[[ImageReadError], None] | None, include_hidden: bool):
+        self.folder = folder
+        self.on_error = on_error
+        self.include_hidden = include_hidden
+        self.found: list[str] = []  # paths inside `folder`
+        self.seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked
+        self.links: collections.deque[str] = collections.deque()  # symlinked folders, to follow
+
+    def run(self) -> None:
+        self.seen.add(_folder_identity(_dataset_folder(self.folder)))
+        self._walk_tree("")
+        while self.links:
+            rel = self.links.popleft()
+            try:
+                identity = _folder_identity(os.stat(self._path(rel)))
+            except OSError as error:  # gone since it was seen, or its target can't be reached
+                self._cannot_list(rel, error)
+                continue
+            if identity not in self.seen:  # a loop back up, or a folder listed already: nothing to add
+                self.seen.add(identity)
+                self._walk_tree(rel)
+
+    def _path(self, rel: str) -> str:
+        return os.path.join(self.folder, rel) if rel else self.folder
+
+    def _walk_tree(self, top: str) -> None:
+        """`top` and its real subfolders; symlinked subfolders are queued."""
+        stack = [top]
+        while stack:
+            rel = stack.pop()
+            for entry in self._entries(rel):
+                if entry.name.startswith(".") and not self.include_hidden:
+                    continue
+                child = os.path.join(rel, entry.name) if rel else entry.name
+                kind = _entry_kind(entry)
+                if kind == "folder":
+                    identity = _entry_identity(entry)
+                    if identity is None or identity not in self.seen:  # a bind mount can loop too
+                        if identity is not None:
+                            self.seen.add(identity)
+                        stack.append(child)
+                elif kind == "linked folder":
+                    self.links.append(child)
+                elif is_image_name(entry.name):
+                    self.found.append(child)
+
+    def _entries(self, rel: str) -> list[os.DirEntry]:
+        try:
+            with os.scandir(self._path(rel)) as entries:
+                return sorted(entries, key=lambda entry: entry.name)
+        except OSError as error:
+            if not rel:
+                reason = _os_reason(error)
+                raise DatasetError(f"cannot list dataset folder {printable_path(self.folder)}: {reason}") from None
+            self._cannot_list(rel, error)
+            return []
+
+    def _cannot_list(self, rel: str, error: OSError) -> None:
+        if self.on_error is not None:
+            self.on_error(ImageReadError(self._path(rel),
+                                         f"folder can't be listed ({_os_reason(error)}); its images are not indexed"))
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """"folder", "linked folder" or "other" (a file, a link to one, a broken link...)."""
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return "folder"
+        if entry.is_symlink() and entry.is_dir():
+            return "linked folder"
+    except OSError:  # can't tell (e.g. its target is behind a closed folder): judged when read
+        pass
+    return "other"
+
+
+def _entry_identity(entry: os.DirEntry) -> tuple[int, int] | None:
+    try:
+        return _folder_identity(entry.stat(follow_symlinks=False))
+    except OSError:
+        return None  # listing it will say what is wrong
+
+
+def _dataset_folder(folder: str) -> os.stat_result:
+    """os.stat of the folder to index.
+
+    Raises:
+        DatasetError: it doesn't exist, isn't a folder, or can't be reached.
+    """
+    shown = printable_path(folder)
+    try:
+        info = os.stat(folder)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            raise DatasetError(f"dataset folder not found: {shown}") from None
+        if error.errno == errno.ENOTDIR:
+            raise DatasetError(f"dataset folder not found: {shown} (a part of its path is a file)") from None
+        if error.errno == errno.EACCES:
+            raise DatasetError(
+                f"cannot reach dataset folder {shown}: permission denied on a folder of its path") from None
+        if error.errno == errno.ELOOP:
+            raise DatasetError(f"cannot reach dataset folder {shown}: symbolic link loop") from None
+        raise DatasetError(f"cannot reach dataset folder {shown}: {_os_reason(error)}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise DatasetError(f"dataset is not a folder: {shown}")
+    return info
+
+
+def _os_reason(error: OSError) -> str:
+    """The operating system's reason, without the file name it repeats:
+    "permission denied", "input/output error"."""
+    if error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _sort_key(rel_path: str) -> tuple[str, ...]:
@@ -150,9 +268,98 @@ def _read_rgb(path: str, size: tuple[int, int], background: tuple[int, int, int]
     target of `size`) and converted to RGB; the file is closed again."""
     _check_readable_file(path)
     with _decoding(path):
-        with Image.open(path) as img:
+        with _open_image(path, size) as img:
             img.seek(0)
             return to_rgb(reduce_large(img, size), background)  # a loaded copy (exif_transpose copies)
+
+
+def _open_image(path: str, size: tuple[int, int]) -> Image.Image:
+    """Image.open(path), judged against Pillow's decompression-bomb limit by
+    the pixels that will really be decoded.
+
+    Pillow measures an image by its header, full size. A JPEG that libjpeg
+    can decode reduced (see `_jpeg_decodes_reduced_in_rows`) is instead
+    measured at the reduced size it will be decoded at (for a target of
+    `size`, see `reduce_large`): a 100-megapixel camera photo is decoded at
+    1/8 scale, under 2 megapixels, and must not be refused as a bomb. Any
+    other image over the limit (PNG, progressive JPEG, ...) is refused from
+    its header, as before.
+    """
+    try:
+        return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        with open(path, "rb") as handle:
+            if handle.read(3) != b"\xff\xd8\xff":  # not a JPEG
+                raise
+            handle.seek(0)
+            decodes_reduced = _jpeg_decodes_reduced_in_rows(handle)
+    if not decodes_reduced:
+        raise ImageReadError(path, JPEG_BOMB_REASON)
+    img = JpegImagePlugin.JpegImageFile(path)  # what Image.open would give, minus its full-size refusal
+    try:
+        _draft_jpeg(img, size)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and img.width * img.height > limit:
+            raise ImageReadError(path, REDUCED_BOMB_REASON)
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+# Start-of-frame markers of sequential DCT JPEGs with Huffman coding
+# (baseline and extended): the JPEGs cameras write.
+_SEQUENTIAL_JPEG_FRAMES = frozenset({0xC0, 0xC1})
+# Markers that stand alone, without a length: TEM, RST0-7, SOI.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def _jpeg_decodes_reduced_in_rows(handle) -> bool:
+    """Whether libjpeg decodes this JPEG at a reduced scale holding only a
+    few rows of it at a time: a sequential JPEG whose first scan holds
+    every colour component (one interleaved scan).
+
+    Any other JPEG makes libjpeg keep the coefficients of the whole
+    full-size image in memory, whatever the scale it outputs (about 2 bytes
+    per pixel and component): progressive ones, lossless ones, and
+    sequential ones stored one component per scan. Those, hierarchical ones
+    and anything this reader can't follow answer False.
+
+    Reads the markers from the start of `handle` up to the first scan.
+    """
+    if handle.read(2) != b"\xff\xd8":
+        return False
+    frame = components = None
+    while True:
+        byte = handle.read(1)
+        if byte != b"\xff":
+            return False  # not at a marker: damaged, or not for this reader
+        marker = handle.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = handle.read(1)
+        if not marker or marker == b"\xd9":  # end of data, or EOI before any scan
+            return False
+        code = marker[0]
+        if code in _STANDALONE_MARKERS:
+            continue
+        if code == 0xDE:  # DHP: a hierarchical JPEG, which libjpeg doesn't decode reduced (nor at all)
+            return False
+        length_bytes = handle.read(2)
+        if len(length_bytes) < 2:
+            return False
+        length = int.from_bytes(length_bytes, "big") - 2
+        if length < 0:
+            return False
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):  # a start of frame (not DHT, JPG, DAC)
+            payload = handle.read(length)
+            if len(payload) < 6 or frame is not None:
+                return False
+            frame, components = code, payload[5]
+        elif code == 0xDA:  # start of the first scan: its number of components
+            scan = handle.read(1)
+            return frame in _SEQUENTIAL_JPEG_FRAMES and len(scan) == 1 and scan[0] == components
+        else:
+            handle.seek(length, os.SEEK_CUR)
 
 
 @contextlib.contextmanager
@@ -186,26 +393,33 @@ def reduce_large(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """`img`, or a smaller version of it if it has over LARGE_IMAGE_PIXELS
     (a JPEG not yet loaded is reduced in place).
 
-    JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (`draft`):
-    the full-size pixels are never allocated. Other formats can't decode
-    reduced, so they are decoded once (their size is bounded by the
-    decompression-bomb limit) and reduced at once, before the colour and
-    alpha conversions that would each copy the full image. Either way the
+    JPEG (and MPO) is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself
+    (`draft`): the full-size pixels are never allocated. Other formats
+    can't decode reduced, so they are decoded once (their size is bounded
+    by the decompression-bomb limit) and reduced at once, before the colour
+    and alpha conversions that would each copy the full image. Either way the
     shorter side keeps at least REDUCED_MARGIN times the model input.
     """
     if img.width * img.height <= LARGE_IMAGE_PIXELS:
         return img
-    keep = REDUCED_MARGIN * max(size)
-    if img.format == "JPEG":
-        factor = min(img.size) // keep
-        if factor >= 2:
-            img.draft(None, (img.width // factor, img.height // factor))
-    factor = min(img.size) // keep
+    if isinstance(img, JpegImagePlugin.JpegImageFile):  # JPEG, and MPO (many cameras' JPEGs)
+        _draft_jpeg(img, size)
+    factor = min(img.size) // (REDUCED_MARGIN * max(size))
     if factor < 2:
         return img
     if img.mode in REDUCIBLE_MODES:
         return img.reduce(factor)
     return img.resize((img.width // factor, img.height // factor), Image.Resampling.NEAREST)
+
+
+def _draft_jpeg(img: Image.Image, size: tuple[int, int]) -> None:
+    """Have libjpeg decode the JPEG `img` (not loaded yet) at 1/2, 1/4 or 1/8
+    scale, as small as keeps REDUCED_MARGIN times `size` on its shorter side
+    (no change if even 1/2 would be too small). `img.size` becomes the size
+    that will be decoded. A second call changes nothing."""
+    factor = min(img.size) // (REDUCED_MARGIN * max(size))
+    if factor >= 2:
+        img.draft(None, (img.width // factor, img.height // factor))
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = WHITE) -> Image.Image:
@@ -261,7 +475,9 @@ def _stat_failure(path: str, error: OSError) -> str:
         return "broken symbolic link" if os.path.islink(path) else "file not found"
     if error.errno == errno.EACCES:
         return "permission denied (on a folder of its path)"
-    return _describe(error)
+    if error.errno == errno.ENOTDIR:
+        return "file not found (a part of its path is a file, not a folder)"
+    return f"could not be read ({_os_reason(error)})"
 
 
 def _describe(error: BaseException) -> str:
@@ -270,6 +486,8 @@ def _describe(error: BaseException) -> str:
         return "permission denied"
     if isinstance(error, MemoryError):
         return "not enough memory to decode it"
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        return f"could not be read ({_os_reason(error)})"  # the disk or the system, not the image data
     text = " ".join(str(error).split()) or type(error).__name__
     if "truncated" in text.lower() or isinstance(error, EOFError):
         return f"truncated or corrupt image data ({text})"

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .search import ValueCheck, first_bad_row
 from .store import FeatureStore
 from .transforms import Whitening, l2_normalise, signed_sqrt
 
@@ -64,28 +65,57 @@ class SearchSpace:
     metric: str
 
 
-def search_space(store: FeatureStore, mode_name: str, warn: Callable[[str], None] | None = None) -> SearchSpace:
+def search_space(store: FeatureStore, mode_name: str, warn: Callable[[str], None] | None = None,
+                 source: str | None = None) -> SearchSpace:
     """The space `mode_name` searches in, for this store.
 
     A store indexed before whitening existed (or by the post's script) has
-    none stored: it is learned now, once, and `warn` is told.
+    none stored: it is learned now, once, and `warn` is told. So it is when
+    the stored whitening holds values that are not finite numbers (damaged).
+
+    Every vector the search will scan is checked here (one read: a memory
+    map is read where the scan reads it anyway), and so is each query
+    brought into the space: values that are not finite or too large, and
+    for chi2 negative values, are refused (search.ValueCheck).
+
+    Args:
+        source: the features file, as messages name it (default: the
+            memory-mapped file's name, if any).
+
+    Raises:
+        FeatureValuesError: a row holds a value the mode can't use; the
+            message names `source`, the row and its path.
     """
     mode = MODES[mode_name]
+    check = ValueCheck(source or getattr(store.features, "filename", None) or "(features in memory)",
+                       store.paths, mode.metric)
     if not mode.whitened:
-        return SearchSpace(store.features, lambda q: np.asarray(q, np.float32), mode.metric)
-    whitening = store.whitening
+        check.rows(store.features)
+        return SearchSpace(store.features, check.query, mode.metric)
+    whitening, vectors = store.whitening, store.whitened_vectors
+    damaged = whitening is not None and not _finite_whitening(whitening, vectors)
+    if damaged:
+        whitening = vectors = None
+    if whitening is None or vectors is None or len(vectors) != len(store):
+        check.rows(store.features)  # read now, to learn the whitening or apply it
     if whitening is None:
         whitening = learn_whitening(store.features)
-        (warn or _stderr)(f"note: no whitening stored with these features; learned it from {len(store)} images "
-                          "(re-index to store it)")
-    vectors = store.whitened_vectors
+        stored = ("the whitening stored with these features holds values that are not finite numbers (damaged?)"
+                  if damaged else "no whitening stored with these features")
+        (warn or _stderr)(f"note: {stored}; learned it from {len(store)} images (re-index to store it)")
     if vectors is None or len(vectors) != len(store):
         vectors = whitening.apply(whitening_input(store.features))
 
     def to_space(query: np.ndarray) -> np.ndarray:
-        return whitening.apply(whitening_input(np.asarray(query)[np.newaxis]))[0]
+        return whitening.apply(whitening_input(check.query(query)[np.newaxis]))[0]
 
     return SearchSpace(vectors, to_space, mode.metric)
+
+
+def _finite_whitening(whitening: Whitening, vectors: np.ndarray | None) -> bool:
+    """Whether a stored whitening (and its whitened rows) holds only usable values."""
+    return (np.isfinite(whitening.mean).all() and np.isfinite(whitening.projection).all()
+            and (vectors is None or first_bad_row(vectors) is None))
 
 
 def _stderr(message: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -181,3 +182,52 @@ def run_as_user(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
         [sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=offline_env(cwd),
         capture_output=True, encoding="utf-8", errors="surrogateescape", timeout=600, preexec_fn=preexec,
     )
+
+
+# -- in-process indexing runs (test_incremental, test_index_outputs) ----------
+
+INDEX_SUMMARY = re.compile(r"(\d+) new, (\d+) changed, (\d+) renamed, (\d+) removed, (\d+) unchanged \((\d+) skipped\)")
+_EXTRACTORS: dict = {}
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[str]:
+    """Model builds of in-process runs (the model itself is built once)."""
+    import create_imagenet_features  # here: the repo is on sys.path only once this module has run
+    from search_utils import models
+
+    built: list[str] = []
+
+    def cached(spec, weights=None, precision="float32", runtime="tensorflow"):
+        built.append(spec.name)
+        key = (spec, weights, precision, runtime)
+        if key not in _EXTRACTORS:
+            _EXTRACTORS[key] = models.load_extractor(spec, weights, precision, runtime)
+        return _EXTRACTORS[key]
+
+    monkeypatch.setattr(create_imagenet_features, "load_extractor", cached)
+    return built
+
+
+def index(capsys, *args) -> str:
+    """Run the command in process; return its stderr (it must succeed)."""
+    import create_imagenet_features
+
+    capsys.readouterr()
+    assert create_imagenet_features.main([*map(str, args), "-q"]) == 0
+    return capsys.readouterr().err
+
+
+def counts(stderr: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in INDEX_SUMMARY.search(stderr).groups())
+
+
+def embedded(stderr: str) -> int:
+    match = re.search(r"embedded (\d+) in", stderr)
+    return int(match.group(1)) if match else 0

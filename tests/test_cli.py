@@ -86,7 +86,8 @@ def test_outside_query_is_embedded_with_the_recorded_model(indexed, tmp_path):
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["metric"] == "cosine" and [r["rank"] for r in answer["results"]] == [1, 2, 3]
-    assert answer["results"][0]["path"] == "images/photo3.jpg"
+    # Searched from another folder: the path printed opens from there.
+    assert answer["results"][0]["path"] == str(work / "images" / "photo3.jpg")
     assert answer["results"][0]["distance"] < 1e-5  # same pixels, same model, same 2048 values
     assert "embedded the query with resnet50" in result.stderr
     assert Image.open(tmp_path / "out.png").size == figure_size_pixels(3)
@@ -250,41 +251,30 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, dataset):
 
 
 def test_sigterm_stops_cleanly_and_keeps_the_earlier_file(tmp_path):
+    """`kill` part-way, progress bar on: one error line, exit 130, and the
+    earlier features file as it was. The run is held after exactly two
+    batches of 2 (tests/gated_indexer.py), so the signal lands mid-run."""
     import signal
-    import subprocess
-    import sys
-    import threading
 
-    from conftest import REPO, offline_env
+    from conftest import offline_env
+    from gated_indexer import GatedRun
 
     folder = tmp_path / "many"
     folder.mkdir()
-    for i in range(400):
+    for i in range(12):
         draw_picture(i, size=(64, 64)).save(folder / f"{i:03d}.png")  # distinct: copies are embedded once
     output = tmp_path / "f.csv"
     output.write_text("earlier,1.0\n")
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / INDEX), "--dataset", folder, "--output", output,
-         "--model", "efficientnet_lite0", "--batch-size", "2"],
-        cwd=tmp_path, env=offline_env(tmp_path), stderr=subprocess.PIPE, text=True,
-    )
-    started = threading.Event()
-    chunks = []
-
-    def read():
-        while chunk := process.stderr.read(64):
-            chunks.append(chunk)
-            if "/400" in "".join(chunks[-3:]):
-                started.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert started.wait(300), "".join(chunks)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 130
-    reader.join(10)
-    stderr = "".join(chunks)
-    assert "embedded and checkpointed; run the same command again to resume" in stderr
+    args = ["--dataset", folder, "--output", output, "--model", "efficientnet_lite0", "--batch-size", "2"]
+    with GatedRun(tmp_path / "gate", args, cwd=tmp_path, env=offline_env(tmp_path), hold=["batch-2"]) as run:
+        run.wait_for("batch-2")
+        run.send(signal.SIGTERM)
+        assert run.wait() == 130, run.stderr
+        stderr = run.stderr
     assert "Traceback" not in stderr
+    assert "4/12" in stderr and "6/12" not in stderr  # the bar showed the two batches done, no more
+    assert stderr.splitlines()[-1] == (f"{INDEX}: error: interrupted: 4 of 12 images embedded and checkpointed; "
+                                       f"run the same command again to resume"), stderr
     assert output.read_text() == "earlier,1.0\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".f.csv")) == []  # no temp left
+    assert not (tmp_path / "f.csv.lock").exists()

@@ -1,6 +1,7 @@
 """evaluate.py end to end on features files the tests write (no model needed)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -81,7 +82,8 @@ def test_every_search_mode_can_be_scored(features, mode):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["f.csv", "--labels", "missing.csv"], "cannot read labels file"),
+        (["f.csv", "--labels", "missing.csv"], "cannot read labels file missing.csv: No such file or directory"),
+        (["f.csv", "--labels", "fifo.csv"], "labels file fifo.csv is not a regular file"),
         (["f.csv", "--labels", "other.csv"], "has a label"),
         (["f.csv", "--group", "vendor"], "--group needs --labels"),
         (["nope.csv"], "features file not found"),
@@ -90,4 +92,6 @@ def test_every_search_mode_can_be_scored(features, mode):
 )
 def test_errors_are_one_line(features, args, fragment):
     (features / "other.csv").write_text("path,label\nelsewhere.png,x\n")
+    if not (features / "fifo.csv").exists():
+        os.mkfifo(features / "fifo.csv")  # opening it would block for ever
     assert_one_line_error(run_command(EVALUATE, *args, cwd=features), fragment)

@@ -131,7 +131,7 @@ def test_find_images_recursive_sorted_case_insensitive(tmp_path):
         target = tmp_path / "ds" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(b"x")
-    (tmp_path / "ds" / "loop").symlink_to(tmp_path / "ds")  # must not be followed
+    (tmp_path / "ds" / "loop").symlink_to(tmp_path / "ds")  # a loop: followed, but adds nothing
     found = find_images(str(tmp_path / "ds"))
     rel = [os.path.relpath(p, tmp_path / "ds") for p in found]
     assert rel == ["a.png", "b.JPG", "e.tiff", "sub/c.Jpeg", "sub/deeper/d.webp", "sub/z.gif"]
@@ -144,3 +144,228 @@ def test_find_images_refuses_missing_folder_and_file(tmp_path):
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(DatasetError, match="not a folder"):
         find_images(str(tmp_path / "file.png"))
+
+
+def test_find_images_refuses_a_path_through_a_file(tmp_path):
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="a part of its path is a file"):
+        find_images(str(tmp_path / "file.png" / "photos"))
+
+
+# ---------------------------------------------------------------- which files are listed
+
+
+def _touch_all(root, rels):
+    for rel in rels:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"x")
+
+
+def _listed(root, **options):
+    return [os.path.relpath(p, root) for p in find_images(str(root), **options)]
+
+
+def test_hidden_files_and_folders_are_left_out_unless_asked_for(tmp_path):
+    root = tmp_path / "photos"
+    _touch_all(root, ["a.jpg", "trip/b.jpg", "trip/.thumbnails/b.jpg", ".git/objects/c.png", "._a.jpg",
+                      "trip/.hidden.png", "trip/normal.name.with.dots.png"])
+    assert _listed(root) == ["a.jpg", "trip/b.jpg", "trip/normal.name.with.dots.png"]
+    assert _listed(root, include_hidden=True) == [
+        "._a.jpg", ".git/objects/c.png", "a.jpg", "trip/.hidden.png", "trip/.thumbnails/b.jpg", "trip/b.jpg",
+        "trip/normal.name.with.dots.png"]
+
+
+def test_a_hidden_dataset_folder_itself_is_listed(tmp_path):
+    root = tmp_path / ".photos"
+    _touch_all(root, ["a.jpg", ".cache/a.jpg"])
+    assert find_images(str(root)) == [os.path.join(str(root), "a.jpg")]
+
+
+def test_symlinked_folders_are_followed_once_each(tmp_path):
+    root, outside = tmp_path / "library", tmp_path / "elsewhere"
+    _touch_all(root, ["own/a.jpg", "own/deeper/b.png"])
+    _touch_all(outside, ["holiday/c.jpg", "holiday/sub/d.jpg"])
+    (root / "holiday").symlink_to(outside / "holiday")  # a photo folder linked in from outside
+    (root / "also_holiday").symlink_to(outside / "holiday")  # the same folder again
+    (root / "alias_of_own").symlink_to(root / "own")  # a folder that is listed anyway
+    (root / "own" / "deeper" / "up").symlink_to(root)  # a loop back to the top
+    (outside / "holiday" / "sub" / "back").symlink_to(outside / "holiday")  # a loop inside the linked folder
+    (root / ".hidden_link").symlink_to(outside / "holiday")  # hidden: not followed
+    listed = _listed(root)
+    # Each real folder once: the dataset's own folders by their own path,
+    # the linked one by the first link found (in name order).
+    assert listed == ["also_holiday/c.jpg", "also_holiday/sub/d.jpg", "own/a.jpg", "own/deeper/b.png"]
+
+
+def test_a_symlinked_folder_inside_a_linked_folder_is_followed(tmp_path):
+    root, outside, further = tmp_path / "library", tmp_path / "elsewhere", tmp_path / "further"
+    _touch_all(root, ["a.jpg"])
+    _touch_all(outside, ["b.jpg"])
+    _touch_all(further, ["c.jpg"])
+    (root / "linked").symlink_to(outside)
+    (outside / "chained").symlink_to(further)
+    assert _listed(root) == ["a.jpg", "linked/b.jpg", "linked/chained/c.jpg"]
+
+
+def test_broken_and_looping_links_are_listed_only_with_image_names(tmp_path):
+    root = tmp_path / "library"
+    _touch_all(root, ["a.jpg"])
+    (root / "gone_folder").symlink_to(tmp_path / "missing")  # a broken link, no image name: nothing to list
+    (root / "gone.jpg").symlink_to(tmp_path / "missing.jpg")  # listed; reading it says why it fails
+    (root / "self_loop").symlink_to("self_loop")
+    assert _listed(root) == ["a.jpg", "gone.jpg"]
+
+
+# ---------------------------------------------------------------- big JPEGs and the bomb limit
+
+
+@pytest.fixture(scope="module")
+def camera_jpeg(tmp_path_factory):
+    """A real JPEG of 12000x8500 pixels (102 megapixels, over Pillow's
+    decompression-bomb limit of 89.5), like a medium-format camera's: a
+    small picture scaled up, saved at low quality so the file stays small.
+    Made at test time, never committed."""
+    path = tmp_path_factory.mktemp("camera") / "camera.jpg"
+    small = draw_picture(21, size=(120, 85))
+    small.resize((12000, 8500), Image.Resampling.BILINEAR).save(path, quality=40)
+    assert path.stat().st_size < 8_000_000
+    return path, small
+
+
+def _recording_loads(monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    return decoded
+
+
+def test_a_camera_jpeg_over_the_bomb_limit_is_decoded_reduced(camera_jpeg, monkeypatch, recwarn):
+    path, small = camera_jpeg
+    assert 12000 * 8500 > Image.MAX_IMAGE_PIXELS
+    decoded = _recording_loads(monkeypatch)
+    pixels = load_image(str(path), size=(224, 224), interpolation="bilinear")
+    assert set(decoded) == {(1500, 1063)}  # libjpeg at 1/8 scale: 1.6 megapixels, not 102
+    assert len(recwarn) == 0  # no DecompressionBombWarning printed either
+    expected = np.asarray(small.resize((224, 224), Image.Resampling.BILINEAR), dtype=int)
+    assert np.abs(pixels.astype(int) - expected).mean() < 8  # it is the picture
+
+
+def test_a_camera_jpeg_over_twice_the_limit_is_decoded_reduced_too(camera_jpeg, monkeypatch):
+    path, _ = camera_jpeg
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12000 * 8500 // 3)  # Pillow's error range, not its warning's
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    assert load_image(str(path)).shape == (224, 224, 3)
+
+
+def test_a_jpeg_over_the_limit_even_reduced_is_refused_without_decoding(camera_jpeg, monkeypatch):
+    path, _ = camera_jpeg
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500 * 1063 - 1)  # 1/8 scale is one pixel too many
+    decoded = _recording_loads(monkeypatch)
+    with pytest.raises(ImageReadError, match="decompression-bomb limit even decoded reduced"):
+        load_image(str(path))
+    assert decoded == []
+
+
+def test_a_progressive_jpeg_over_the_limit_is_refused_without_decoding(tmp_path, monkeypatch):
+    """libjpeg holds a progressive JPEG's whole coefficients whatever the
+    scale: decoding it reduced saves no memory, so the limit stays."""
+    small = draw_picture(22, size=(120, 90))
+    small.resize((3000, 2250)).save(tmp_path / "progressive.jpg", quality=50, progressive=True)
+    small.resize((3000, 2250)).save(tmp_path / "baseline.jpg", quality=50)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # 3000x2250 is over; 1/8 scale (375x282) is not
+    decoded = _recording_loads(monkeypatch)
+    with pytest.raises(ImageReadError, match="decompression-bomb limit.*can't be decoded reduced"):
+        load_image(str(tmp_path / "progressive.jpg"), size=(16, 16))
+    assert decoded == []
+    assert load_image(str(tmp_path / "baseline.jpg"), size=(16, 16)).shape == (16, 16, 3)
+    assert set(decoded) == {(375, 282)}
+
+
+def test_a_png_over_the_limit_is_still_refused(tmp_path, monkeypatch):
+    path = tmp_path / "wide.png"
+    draw_picture(23, size=(3000, 2250)).save(path, compress_level=1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+    decoded = _recording_loads(monkeypatch)
+    with pytest.raises(ImageReadError, match="decompression-bomb limit\\); skipped without decoding"):
+        load_image(str(path), size=(16, 16))
+    assert decoded == []
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _jpeg_header(frame_marker: int, frame_components: int, scan_components: int) -> bytes:
+    frame = bytes([8, 0x21, 0x34, 0x2E, 0xE0, frame_components]) + b"\x01\x11\x00" * frame_components
+    scan = bytes([scan_components]) + b"\x01\x00" * scan_components + b"\x00\x3f\x00"
+    return (b"\xff\xd8" + _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+            + _segment(0xDB, bytes(65)) + b"\xff\xff" + _segment(frame_marker, frame)
+            + _segment(0xC4, bytes(17)) + _segment(0xDA, scan))
+
+
+@pytest.mark.parametrize(
+    "header, reduced",
+    [
+        (_jpeg_header(0xC0, 3, 3), True),  # baseline, one interleaved scan: what cameras write
+        (_jpeg_header(0xC1, 1, 1), True),  # extended sequential, greyscale
+        (_jpeg_header(0xC0, 3, 1), False),  # baseline, one scan per colour: coefficients buffered
+        (_jpeg_header(0xC2, 3, 3), False),  # progressive
+        (_jpeg_header(0xC3, 3, 3), False),  # lossless
+        (b"\xff\xd8\xff\xd9", False),  # no frame at all
+        (_jpeg_header(0xC0, 3, 3)[:40], False),  # cut off before its scan
+        (b"\xff\xd8junk", False),
+    ],
+)
+def test_which_jpegs_decode_reduced_in_rows(header, reduced):
+    """The header test behind the JPEG exception to the bomb limit, on the
+    markers themselves (Pillow can't write a JPEG with one scan per colour)."""
+    import io
+
+    from search_utils.images import _jpeg_decodes_reduced_in_rows
+
+    assert _jpeg_decodes_reduced_in_rows(io.BytesIO(header)) is reduced
+
+
+def test_a_large_mpo_camera_file_is_decoded_reduced(tmp_path, monkeypatch):
+    """Many cameras write MPO (a JPEG followed by more pictures): it is
+    decoded reduced like a JPEG, first picture only."""
+    from search_utils import images
+
+    path = tmp_path / "camera.jpg"
+    first, second = draw_picture(24, size=(1800, 1200)), draw_picture(25, size=(1800, 1200))
+    first.save(path, "MPO", save_all=True, append_images=[second], quality=90)
+    assert Image.open(path).format == "MPO"
+    monkeypatch.setattr(images, "LARGE_IMAGE_PIXELS", 1000 * 1000)
+    decoded = _recording_loads(monkeypatch)
+    pixels = load_image(str(path), size=(100, 100))
+    assert set(decoded) == {(900, 600)}  # 1/2 scale: 1/4 would keep under 4 x 100 pixels on the shorter side
+    expected = np.asarray(first.resize((100, 100), Image.Resampling.NEAREST), dtype=int)
+    assert np.abs(pixels.astype(int) - expected).mean() < 8
+
+
+def test_a_camera_jpeg_is_indexed_and_found_through_the_real_commands(camera_jpeg, tmp_path):
+    import json
+    import shutil
+
+    from conftest import run_command
+
+    path, _ = camera_jpeg
+    (tmp_path / "photos").mkdir()
+    shutil.copy(path, tmp_path / "photos" / "camera.jpg")
+    for seed in (1, 2):
+        draw_picture(seed).save(tmp_path / "photos" / f"other{seed}.jpg")
+    indexed = run_command("create_imagenet_features.py", "--dataset", "photos", "--output", "f.csv",
+                          "--model", "efficientnet_lite0", "--quiet", cwd=tmp_path)
+    assert indexed.returncode == 0, indexed.stderr
+    assert "skipping" not in indexed.stderr and "(0 skipped)" in indexed.stderr
+    shutil.copy(path, tmp_path / "query.jpg")  # an outside query: embedded, not looked up
+    searched = run_command("imagenet_search.py", "--query", "query.jpg", "--featuresPath", "f.csv", "--json",
+                           "--no-plot", "--metric", "cosine", cwd=tmp_path)
+    assert searched.returncode == 0, searched.stderr
+    top = json.loads(searched.stdout)["results"][0]
+    assert os.path.realpath(os.path.join(tmp_path, top["path"])) == os.path.realpath(tmp_path / "photos" / "camera.jpg")
+    assert top["distance"] < 1e-4

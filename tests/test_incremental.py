@@ -4,7 +4,8 @@ files are embedded once, models never mix, and a run killed at any moment
 
 In-process runs share one EfficientNet-Lite0 (real, pip-packaged weights)
 through a patched `load_extractor` that also counts model builds; the
-interruption tests run the real command in a subprocess.
+interruption tests run the real command in a subprocess, held at a known
+batch by tests/gated_indexer.py while they signal or kill it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,10 @@ import numpy as np
 import pytest
 
 import create_imagenet_features
-from conftest import REPO, assert_one_line_error, draw_picture, make_dataset, offline_env, run_command
+from conftest import (
+    assert_one_line_error, counts, draw_picture, embedded, index, make_dataset, offline_env, run_command,
+)
+from gated_indexer import GatedRun
 from search_utils import catalog, indexing, models
 from search_utils.changes import Entry, classify
 from search_utils.engine import ModelChoice, model_identity
@@ -32,24 +34,6 @@ from search_utils.store import load_features
 INDEX = "create_imagenet_features.py"
 LITE = ["--model", "efficientnet_lite0"]
 HOUR_AGO = time.time() - 3600
-SUMMARY = re.compile(r"(\d+) new, (\d+) changed, (\d+) renamed, (\d+) removed, (\d+) unchanged \((\d+) skipped\)")
-_EXTRACTORS: dict = {}
-
-
-@pytest.fixture
-def builds(monkeypatch) -> list[str]:
-    """Model builds of in-process runs (the model itself is cached)."""
-    built: list[str] = []
-
-    def cached(spec, weights=None, precision="float32", runtime="tensorflow"):
-        built.append(spec.name)
-        key = (spec, weights, precision, runtime)
-        if key not in _EXTRACTORS:
-            _EXTRACTORS[key] = models.load_extractor(spec, weights, precision, runtime)
-        return _EXTRACTORS[key]
-
-    monkeypatch.setattr(create_imagenet_features, "load_extractor", cached)
-    return built
 
 
 @pytest.fixture
@@ -66,12 +50,6 @@ def decoded(monkeypatch) -> list[str]:
     return paths
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def pictures(folder: Path, seeds, old: bool = True) -> None:
     """Distinct small pictures `<seed>.png`; `old`: dated an hour ago, so the
     stat cache trusts them (a just-written file is re-read to be safe)."""
@@ -86,22 +64,6 @@ def make_old(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             os.utime(path, (HOUR_AGO, HOUR_AGO))
-
-
-def index(capsys, *args) -> str:
-    """Run the command in process; return its stderr (it must succeed)."""
-    capsys.readouterr()
-    assert create_imagenet_features.main([*map(str, args), "-q"]) == 0
-    return capsys.readouterr().err
-
-
-def counts(stderr: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in SUMMARY.search(stderr).groups())
-
-
-def embedded(stderr: str) -> int:
-    match = re.search(r"embedded (\d+) in", stderr)
-    return int(match.group(1)) if match else 0
 
 
 def snapshot(output: Path) -> dict[str, tuple[bytes, int]]:
@@ -339,6 +301,12 @@ def test_an_unwritable_output_is_refused_before_any_work(work, builds, output, f
 
 
 # -- interruptions ---------------------------------------------------------
+# The run is held (tests/gated_indexer.py) after exactly two batches of 4 were
+# embedded and checkpointed, with 46 images still to embed: each signal lands
+# mid-run, however loaded the machine.
+
+HELD = "batch-2"
+KEPT = 2 * 4
 
 
 @pytest.fixture
@@ -350,60 +318,47 @@ def half_done(work, capsys, builds) -> tuple[Path, dict]:
     return work, snapshot(work / "f.csv")
 
 
-def start_indexing(work: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / INDEX), "--dataset", "images", "--output", "f.csv", *LITE,
-         "--batch-size", "4", "-q"],
-        cwd=work, env=offline_env(work), stderr=subprocess.PIPE, text=True,
-    )
+def held_indexing(work: Path) -> GatedRun:
+    """The command on `images/`, held at HELD once it gets there."""
+    return GatedRun(work / "gate", ["--dataset", "images", "--output", "f.csv", *LITE, "--batch-size", "4", "-q"],
+                    cwd=work, env=offline_env(work), hold=[HELD])
 
 
-def wait_for_checkpoint(process: subprocess.Popen, at_least: int) -> None:
-    """Until the state holds `at_least` embedded images (a committed batch)."""
-    deadline = time.monotonic() + 300
-    while catalog.count_checkpointed("f.csv") < at_least:
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "no batch was checkpointed"
-        time.sleep(0.01)
+def assert_resumes(capsys, work: Path) -> None:
+    """The same command again embeds only the rest, and gives a clean run's features."""
+    stderr = index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
+    assert f"resuming an unfinished run: {KEPT} images were embedded already" in stderr
+    assert counts(stderr) == (54, 0, 0, 0, 6, 0) and embedded(stderr) == 54 - KEPT
+    assert_same_features(work / "f.csv", clean_run(capsys, "images"))
 
 
 def test_kill_9_part_way_keeps_the_file_and_resumes(half_done, capsys):
     work, before = half_done
-    process = start_indexing(work)
-    wait_for_checkpoint(process, 6 + 4)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(60) == -signal.SIGKILL
-    process.stderr.close()
-    kept = catalog.count_checkpointed("f.csv") - 6
-    assert 4 <= kept < 54, kept  # killed part-way, with at least one batch committed
+    with held_indexing(work) as run:
+        run.wait_for(HELD)
+        assert catalog.count_checkpointed("f.csv") == 6 + KEPT
+        run.send(signal.SIGKILL)
+        assert run.wait() == -signal.SIGKILL, run.stderr
+    assert catalog.count_checkpointed("f.csv") == 6 + KEPT  # the committed batches, no more, no less
     assert snapshot(work / "f.csv") == before  # the last complete features file, untouched
-
-    stderr = index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
-    assert f"resuming an unfinished run: {kept} images were embedded already" in stderr
-    assert counts(stderr) == (54, 0, 0, 0, 6, 0) and embedded(stderr) == 54 - kept
-    assert_same_features(work / "f.csv", clean_run(capsys, "images"))
+    assert_resumes(capsys, work)
 
 
-def test_ctrl_c_stops_with_a_summary_and_resumes(half_done, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_with_a_summary_and_resumes(half_done, capsys, signum):
+    """Ctrl-C, and `kill` (SIGTERM), stop as cleanly: one line, exit 130."""
     work, before = half_done
-    process = start_indexing(work)
-    wait_for_checkpoint(process, 6 + 4)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(60) == 130
-    stderr = process.stderr.read()
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    match = re.fullmatch(r"\S+: error: interrupted: (\d+) of 54 images embedded and checkpointed; "
-                         r"run the same command again to resume", lines[0])
-    assert match, lines[0]
-    done = int(match.group(1))
-    assert done == catalog.count_checkpointed("f.csv") - 6 and 4 <= done < 54  # part-way, batches kept
+    with held_indexing(work) as run:
+        run.wait_for(HELD)
+        run.send(signum)
+        assert run.wait() == 130, run.stderr
+        stderr = run.stderr
+    assert stderr.splitlines() == [(f"{INDEX}: error: interrupted: {KEPT} of 54 images embedded and checkpointed; "
+                                    f"run the same command again to resume")], stderr
+    assert catalog.count_checkpointed("f.csv") == 6 + KEPT
     assert snapshot(work / "f.csv") == before
-
-    stderr = index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
-    assert embedded(stderr) == 54 - done
-    assert_same_features(work / "f.csv", clean_run(capsys, "images"))
+    assert not list(work.glob(".f.csv*.tmp")) and not (work / "f.csv.lock").exists()
+    assert_resumes(capsys, work)
 
 
 def test_a_subfolder_that_cant_be_listed_keeps_its_rows(work, builds, capsys, monkeypatch):
@@ -416,9 +371,9 @@ def test_a_subfolder_that_cant_be_listed_keeps_its_rows(work, builds, capsys, mo
     before = load_features("f.csv")
     real_listing = create_imagenet_features.list_dataset
 
-    def sub_unlistable(dataset, on_error=None):
+    def sub_unlistable(dataset, on_error=None, include_hidden=False):
         on_error(ImageReadError(os.path.join(dataset, "sub"), "folder can't be listed (Permission denied)"))
-        return [p for p in real_listing(dataset) if os.sep + "sub" + os.sep not in p]
+        return [p for p in real_listing(dataset, include_hidden=include_hidden) if os.sep + "sub" + os.sep not in p]
 
     monkeypatch.setattr(create_imagenet_features, "list_dataset", sub_unlistable)
     err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
@@ -432,3 +387,13 @@ def test_a_subfolder_that_cant_be_listed_keeps_its_rows(work, builds, capsys, mo
     monkeypatch.setattr(create_imagenet_features, "list_dataset", real_listing)
     err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
     assert counts(err) == (0, 0, 0, 0, 4, 0) and embedded(err) == 0
+
+
+def test_hidden_folders_are_skipped_unless_asked(work, capsys, builds):
+    pictures(work / "ds", [1, 2])
+    pictures(work / "ds" / ".thumbnails", [3])  # a viewer's cache: copies of the real pictures
+    err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
+    assert counts(err)[0] == 2 and len(load_features("f.csv")) == 2
+    err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE, "--include-hidden")
+    assert counts(err)[0] == 1
+    assert os.path.join("ds", ".thumbnails", "3.png") in load_features("f.csv").paths

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from search_utils import store as St
+from search_utils.store import csv_format
 from search_utils.errors import FeaturesFileError
 
 # Every kind of file name a features file must carry unchanged (CSV and HDF5).
@@ -71,7 +72,7 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     before = path.read_bytes(), (tmp_path / "features.csv.meta.json").read_bytes()
 
     rows = []
-    real_field = St._csv_field
+    real_field = csv_format.csv_field
 
     def exploding_field(value):
         rows.append(value)
@@ -79,7 +80,7 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # like Ctrl-C half-way through
         return real_field(value)
 
-    monkeypatch.setattr(St, "_csv_field", exploding_field)
+    monkeypatch.setattr(csv_format, "csv_field", exploding_field)
     with pytest.raises(KeyboardInterrupt):
         St.save_features(str(path), sample_store(seed=5))
     after = path.read_bytes(), (tmp_path / "features.csv.meta.json").read_bytes()

@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_one_line_error, draw_picture, run_command
 from search_utils import modes
 from search_utils import store as St
+from search_utils.store import atomic, hdf5_format
 from search_utils.engine import whitening_arrays
 from search_utils.errors import FeaturesFileError
 from test_store import AWKWARD_PATHS
@@ -193,8 +194,8 @@ def test_appending_to_an_appendable_file_extends_it_in_a_copy(tmp_path, monkeypa
     St.append_features(path, ["a.png"], np.ones((1, 16), np.float32))
     os.chmod(path, 0o644)
     copied = []
-    real_copy = St._copy_file
-    monkeypatch.setattr(St, "_copy_file", lambda src, dst: (copied.append(src), real_copy(src, dst)))
+    real_copy = atomic.copy_file
+    monkeypatch.setattr(atomic, "copy_file", lambda src, dst: (copied.append(src), real_copy(src, dst)))
     St.append_features(path, ["b.png", "c.png"], np.full((2, 16), 2, np.float32))
     assert copied == [path]  # not rewritten: the file was copied and extended
     assert os.stat(path).st_mode & 0o777 == 0o644  # the file's permissions are kept
@@ -238,13 +239,13 @@ def test_append_refuses_rows_that_do_not_fit(tmp_path):
 
 def _explode_after_writing(monkeypatch):
     """Make the next rows written to a dataset be written, then Ctrl-C."""
-    real = St._write_rows
+    real = hdf5_format._write_rows
 
     def write_then_interrupt(dset, start, rows):
         real(dset, start, rows)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(St, "_write_rows", write_then_interrupt)
+    monkeypatch.setattr(hdf5_format, "_write_rows", write_then_interrupt)
 
 
 @pytest.mark.parametrize("appended_before", [False, True], ids=["contiguous-rewrite", "chunked-copy"])
@@ -414,10 +415,13 @@ def test_convert_csv_to_hdf5_and_back_is_byte_identical(tmp_path):
     assert sorted(os.listdir(tmp_path / "dir")) == ["f.h5"]
     result = run_command(CONVERT, "dir/f.h5", "back.csv", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for suffix in ("", ".meta.json"):
-        assert (tmp_path / f"back.csv{suffix}").read_bytes() == (tmp_path / f"orig.csv{suffix}").read_bytes()
+    assert (tmp_path / "back.csv").read_bytes() == (tmp_path / "orig.csv").read_bytes()
+    back_meta, orig_meta = (json.loads((tmp_path / f"{name}.csv.meta.json").read_text()) for name in ("back", "orig"))
+    assert back_meta.pop("generation") != orig_meta.pop("generation")  # a new write, with the same content:
+    assert back_meta == orig_meta  # the same hash of the same bytes, the same description
     with np.load(tmp_path / "back.csv.whitening.npz") as back, np.load(tmp_path / "orig.csv.whitening.npz") as orig:
-        assert sorted(back) == sorted(orig) and all(np.array_equal(back[k], orig[k]) for k in orig)
+        arrays = [k for k in orig if k != "generation"]
+        assert sorted(back) == sorted(orig) and all(np.array_equal(back[k], orig[k]) for k in arrays)
 
 
 def test_convert_to_float16_and_onto_itself(tmp_path):

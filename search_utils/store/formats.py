@@ -1,0 +1,206 @@
+"""One API over the two formats: `save_features`, `load_features`,
+`append_features`, `iter_feature_chunks`.
+
+Saving picks the format from the extension (any case): `.csv`
+(csv_format.py, the post's), or `.h5`/`.hdf5` (hdf5_format.py); anything
+else is refused. Loading goes by content: a file that starts with the HDF5
+signature is read as HDF5 whatever its name, anything else as CSV.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..errors import FeaturesFileError
+from . import csv_format, hdf5_format
+from .feature_store import FeatureStore
+
+CSV_EXTENSIONS = (".csv",)
+SUPPORTED_EXTENSIONS = CSV_EXTENSIONS + hdf5_format.HDF5_EXTENSIONS
+STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+DEFAULT_CHUNK_ROWS = 65536  # iter_feature_chunks
+PER_FILE_KEYS = ("generation", "features_sha256")  # describe one written file, never copied to another
+
+
+def output_format(path: str) -> str:
+    """"csv" or "hdf5": the format `save_features` writes to `path`, from its
+    extension (any case).
+
+    Raises:
+        FeaturesFileError: any other extension.
+    """
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension in CSV_EXTENSIONS:
+        return "csv"
+    if extension in hdf5_format.HDF5_EXTENSIONS:
+        return "hdf5"
+    shown = f"extension {extension!r}" if extension else "no extension"
+    raise FeaturesFileError(
+        f"features file {path} has {shown}: use {', '.join(SUPPORTED_EXTENSIONS)} "
+        f"(.csv is the post's text format, .h5/.hdf5 the binary one)"
+    )
+
+
+def file_format(path: str) -> str:
+    """"hdf5" or "csv": how `load_features` reads the existing file `path`,
+    from its first bytes (the HDF5 signature), whatever its name.
+
+    Raises:
+        FeaturesFileError: unreadable, or named .h5/.hdf5 but binary and
+            without the signature (damaged).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError as error:
+        raise FeaturesFileError(f"cannot read features file {path}: {error.strerror or error}") from None
+    if head.startswith(hdf5_format.HDF5_SIGNATURE):
+        return "hdf5"
+    # A text file named .h5 may be a CSV written before HDF5 support (any
+    # name was CSV then); binary bytes without the signature are a damaged file.
+    if os.path.splitext(path)[1].lower() in hdf5_format.HDF5_EXTENSIONS and b"\0" in head:
+        raise FeaturesFileError(f"{path} is not an HDF5 file (no HDF5 signature at its start; damaged?)")
+    return "csv"
+
+
+def save_features(path: str, store: FeatureStore, dtype="float32") -> None:
+    """Write `store` to `path`: CSV (as in the post, metadata and whitening in
+    files beside it, published together) or HDF5 (one file), as the
+    extension says. Atomic: a reader sees the old files or the new ones.
+
+    Args:
+        dtype: how HDF5 stores the features: "float32" (exact, and
+            memory-mappable) or "float16" (half the size, ~3 significant
+            digits; loaded as float32). CSV always holds the exact float32
+            values.
+
+    Raises:
+        FeaturesFileError: an extension other than .csv, .h5, .hdf5.
+        FileWriteError: the file system refused (full disk, permissions).
+        ValueError: paths and features don't match, float16 for CSV, or
+            values too large for float16.
+    """
+    path = os.fspath(path)
+    kind = output_format(path)
+    storage = _storage_dtype(dtype)
+    features = np.asarray(store.features, dtype=np.float32)
+    if features.ndim != 2 or len(features) != len(store.paths):
+        raise ValueError(f"{len(store.paths)} paths but features of shape {features.shape}")
+    metadata = {k: v for k, v in store.metadata.items() if k not in PER_FILE_KEYS}
+    store = FeatureStore(store.paths, features, metadata, store.whitening_arrays)
+    if kind == "hdf5":
+        hdf5_format.write_hdf5(path, store, features, storage)
+        return
+    if storage != np.float32:
+        raise ValueError(f"{path}: float16 storage is for HDF5 files (.h5, .hdf5); CSV holds the float32 values")
+    csv_format.save_csv(path, store, features)
+
+
+def _storage_dtype(dtype) -> np.dtype:
+    try:
+        storage = np.dtype(dtype)
+    except TypeError:
+        storage = None
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"features are stored as float32 or float16, not {dtype!r}")
+    return storage
+
+
+def load_features(path: str, mmap: bool = False) -> FeatureStore:
+    """Read a features file (CSV or HDF5, told apart by content) with the
+    metadata and whitening of the same write.
+
+    Args:
+        mmap: for an HDF5 file with contiguous float32 features (as
+            `save_features` writes them), return them (and the whitened
+            vectors) as read-only numpy.memmap: nothing is read until used.
+            Otherwise, and for CSV, the features are read whole.
+
+    Raises:
+        FeaturesFileError: missing, empty or malformed file, or metadata that
+            contradicts the file; the message says which and where.
+    """
+    path = os.fspath(path)
+    check_exists(path)
+    if file_format(path) == "hdf5":
+        return hdf5_format.load_hdf5(path, mmap)
+    try:
+        return csv_format.load_csv(path)
+    except OSError as error:  # e.g. replaced by a folder, or permissions changed, while reading
+        raise FeaturesFileError(f"cannot read features file {path}: {error.strerror or error}") from None
+
+
+def check_exists(path: str) -> None:
+    """Refuse a features file that is missing, can't be reached, or is not a
+    regular file (a FIFO would block the reader for ever).
+
+    Raises:
+        FeaturesFileError: one line saying which.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FeaturesFileError(f"features file not found: {path}") from None
+    except NotADirectoryError:
+        raise FeaturesFileError(f"features file not found: {path} (a part of its path is a file, not a folder)") from None
+    except OSError as error:
+        raise FeaturesFileError(f"cannot read features file {path}: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
+        raise FeaturesFileError(f"features file is a folder: {path}")
+    if not stat.S_ISREG(mode):
+        raise FeaturesFileError(f"features file {path} is not a regular file (a FIFO, socket or device)")
+
+
+def append_features(path: str, paths: Iterable[str], features: np.ndarray) -> None:
+    """Add rows to the existing features file `path`, atomically: the file is
+    either as before or has all the new rows, its metadata count updated.
+
+    A stored whitening is dropped (it doesn't cover the new rows; search
+    learns it again when needed). HDF5 keeps its storage type (float16
+    stays float16). CSV is read, extended and rewritten.
+
+    Raises:
+        FeaturesFileError: `path` is missing or malformed, or its rows have
+            another number of values than `features`.
+        ValueError: `paths` and `features` don't match.
+    """
+    path = os.fspath(path)
+    paths = [str(p) for p in paths]
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or len(features) != len(paths):
+        raise ValueError(f"{len(paths)} paths but features of shape {features.shape}")
+    check_exists(path)
+    if file_format(path) == "hdf5":
+        hdf5_format.append_hdf5(path, paths, features)
+        return
+    store = load_features(path)
+    hdf5_format.check_append_dim(path, store.dim, features)
+    # As CSV whatever the name (a text file named .h5 stays text).
+    metadata = {k: v for k, v in store.metadata.items() if k not in PER_FILE_KEYS}
+    csv_format.save_csv(path, FeatureStore(store.paths + paths, None, metadata),
+                        np.concatenate([store.features, features]))
+
+
+def iter_feature_chunks(path: str, rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float32 array of up to `rows` rows) over a features file, in
+    order, reading only that much at a time from HDF5. A CSV file can't be
+    read in part and is parsed whole first.
+
+    Raises:
+        FeaturesFileError: as `load_features`.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    path = os.fspath(path)
+    check_exists(path)
+    if file_format(path) == "hdf5":
+        yield from hdf5_format.iter_hdf5_chunks(path, rows)
+        return
+    features = load_features(path).features
+    for start in range(0, len(features), rows):
+        yield start, features[start:start + rows]
