@@ -46,5 +46,5 @@ bench: setup
 	$(PY) bench/bench_ann.py
 
 clean:
-	rm -rf $(VENV) imagenet_features.csv imagenet_features.csv.meta.json imagenet_features.csv.whitening.npz \
-	       imagenet_features.csv.state.sqlite* results.png search_results.png
+	rm -rf $(VENV) imagenet_features.csv imagenet_features.csv.* .imagenet_features.csv.*.tmp \
+	       results.png search_results.png
