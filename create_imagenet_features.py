@@ -9,11 +9,9 @@ removed ones are dropped); an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
-import tempfile
 
 from search_utils import ann, cli
 from search_utils.engine import IndexEvents, ModelChoice, UpdateReport, check_output, list_dataset, update_index
@@ -90,50 +88,11 @@ def main(argv=None) -> int:
     choice = ModelChoice(spec, args.weights, choose_precision(spec, args.precision), args.runtime)
     with exclusive_output(args.output), Progress(args.quiet) as progress:  # lock before any work
         report = update_index(args.dataset, args.output, choice,
-                              lambda: load_model(spec, args.weights, choice.precision, choice.runtime),
+                              lambda: load_extractor(spec, args.weights, choice.precision, choice.runtime),
                               paths, args.batch_size, args.rebuild, progress.events(), unlisted)
         keep_ann_index(args.output, report.rows, args.ann_threshold)  # under the lock: nobody replaces the file
     print(summary(report), file=sys.stderr)
     return 0
-
-
-def load_model(spec, weights, precision: str, runtime: str):
-    """load_extractor, with an interrupt (Ctrl-C, SIGTERM) while it works
-    left to the one-line message alone (see start_up_lines_dropped_on_interrupt)."""
-    with start_up_lines_dropped_on_interrupt():
-        return load_extractor(spec, weights, precision, runtime)
-
-
-@contextlib.contextmanager
-def start_up_lines_dropped_on_interrupt():
-    """Drop what reaches file descriptor 2 inside the block if it ends with
-    an interrupt; pass it on otherwise.
-
-    TensorFlow's C++ side logs lines as its libraries load (absl's "All log
-    messages before absl::InitializeLog() ...", oneDNN's "custom operations
-    are on", the CUDA driver probe), twice over here: those are logged
-    before any log level applies, so TF_CPP_MIN_LOG_LEVEL (even 3) doesn't
-    stop them (tried with TensorFlow 2.21). models.load_extractor holds them
-    back and shows them only if loading fails, where they may explain why;
-    an interrupt is no such failure, and they would come before its line."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    interrupted = False
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        except KeyboardInterrupt:
-            interrupted = True
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not interrupted:
-                caught.seek(0)
-                with open(os.dup(2), "wb", closefd=True) as stderr:
-                    stderr.write(caught.read())
 
 
 def keep_ann_index(output: str, rows: int, threshold: int) -> None:

@@ -305,7 +305,9 @@ def _dtype_policy(name: str):
 def native_logs_held_back():
     """Hold back what TensorFlow's C++ side writes to file descriptor 2 while
     it starts (CPU features, CUDA probes: its log level doesn't apply that
-    early); replay it only if starting fails, where it may explain why."""
+    early, not even TF_CPP_MIN_LOG_LEVEL=3); replay it only if starting
+    fails, where it may explain why. An interrupt (Ctrl-C, SIGTERM) is no
+    such failure: its one line is all the user sees."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
@@ -314,7 +316,7 @@ def native_logs_held_back():
             # Keras prints download progress to stdout, which is for results.
             with contextlib.redirect_stdout(sys.stderr):
                 yield
-        except SearchUtilsError:
+        except (SearchUtilsError, KeyboardInterrupt):
             raise  # its message says it all
         except BaseException:
             sys.stderr.flush()
