@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ import numpy as np
 from . import __version__, ann, catalog, locking
 from .changes import Changes, Entry, classify, scan
 from .errors import (
-    DatasetError, FeaturesFileError, ImageReadError, ModelMismatchError, SearchUtilsError, WeightsUnavailableError,
+    DatasetError, FeaturesFileError, ImageReadError, ModelMismatchError, SearchUtilsError, UnknownModelError,
+    WeightsUnavailableError,
 )
 from .images import RESAMPLING, find_images, load_image
 from .indexing import embed_batches
-from .models import DEFAULT_MODEL, FeatureExtractor, ModelSpec, bf16_supported, get_model_spec
+from .models import DEFAULT_MODEL, PRECISIONS, FeatureExtractor, ModelSpec, bf16_supported, get_model_spec
 from .modes import learn_whitening, whitening_input
 from .search import find_row
 from .store import (
@@ -105,11 +107,6 @@ def store_model(store: FeatureStore, requested: str | None = None) -> StoreModel
         FeaturesFileError: the metadata names a model that is not a name.
         UnknownModelError: the metadata names a model this tool doesn't know.
     """
-    import json  # here, not at the top: this function is all of engine.py this change may touch
-
-    from .errors import UnknownModelError
-    from .models import PRECISIONS
-
     metadata = store.metadata
     name = metadata.get("model")
     if name is not None and not isinstance(name, str):
@@ -313,22 +310,9 @@ def update_index(
             catalog.remove_state(output)
             created, state = True, catalog.IndexState.open(catalog.state_path(output))
         with state:
-            mark, recorded = state.rebuild, state.identity
-            same_model = recorded is not None and all(recorded.get(k) == identity[k] for k in IDENTITY_KEYS)
-            under_way = mark == catalog.REBUILD_STARTED  # forgotten already, being embedded again
-            if created and rebuild:
-                state.reset()  # nothing to forget: only the mark, for a resumed run's note
-            elif mark == catalog.REBUILD_REQUESTED or (rebuild and not (under_way and same_model)):
-                if not rebuild:
-                    events.note(f"an earlier --rebuild of {output} was stopped before it began: finishing it "
-                                f"(everything is embedded again)")
-                requested = True
+            requested = _rebuild_due(state, identity, output, rebuild, created, events)
+            if requested:
                 make_extractor = _built_now(make_extractor, state)
-            elif under_way and not same_model and state.holds_features():
-                raise ModelMismatchError(
-                    f"{output} has an unfinished --rebuild with {recorded.get('model')} in its indexing state: "
-                    f"run that command again to finish it, or pass --rebuild to start again with {identity['model']}"
-                )
             _adopt_identity(state, identity, output)
             update = _Update(dataset, output, choice, state, events, unlisted)
             return update.run(paths, make_extractor, batch_size)
@@ -342,6 +326,35 @@ def update_index(
                     if requested else "run the same command again")
             raise IndexingInterrupted(f"interrupted before embedding started: {output} is as it was; {done}") from None
         raise
+
+
+def _rebuild_due(state: catalog.IndexState, identity: dict, output: str, rebuild: bool, created: bool,
+                 events: IndexEvents) -> bool:
+    """Whether this run must (re)start a rebuild: asked for with `rebuild`
+    (unless the same model's rebuild is under way: that one resumes), or
+    recorded by an earlier run killed before it began.
+
+    Raises:
+        ModelMismatchError: a plain run while another model's rebuild is
+            under way (it would mix models).
+    """
+    mark, recorded = state.rebuild, state.identity
+    same_model = recorded is not None and all(recorded.get(k) == identity[k] for k in IDENTITY_KEYS)
+    under_way = mark == catalog.REBUILD_STARTED  # forgotten already, being embedded again
+    if created and rebuild:
+        state.reset()  # nothing to forget: only the mark, for a resumed run's note
+        return False
+    if mark == catalog.REBUILD_REQUESTED or (rebuild and not (under_way and same_model)):
+        if not rebuild:
+            events.note(f"an earlier --rebuild of {output} was stopped before it began: finishing it "
+                        f"(everything is embedded again)")
+        return True
+    if under_way and not same_model and state.holds_features():
+        raise ModelMismatchError(
+            f"{output} has an unfinished --rebuild with {recorded.get('model')} in its indexing state: "
+            f"run that command again to finish it, or pass --rebuild to start again with {identity['model']}"
+        )
+    return False
 
 
 def check_output(output: str) -> None:

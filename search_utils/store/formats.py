@@ -180,9 +180,9 @@ def append_features(path: str, paths: Iterable[str], features: np.ndarray) -> No
         return
     store = load_features(path)
     hdf5_format.check_append_dim(path, store.dim, features)
-    # As CSV whatever the name (a text file named .h5 stays text).
-    metadata = {k: v for k, v in store.metadata.items() if k not in PER_FILE_KEYS}
-    csv_format.save_csv(path, FeatureStore(store.paths + paths, None, metadata),
+    # As CSV whatever the name (a text file named .h5 stays text); a new
+    # generation: save_csv records its own id and hash over the old ones.
+    csv_format.save_csv(path, FeatureStore(store.paths + paths, None, store.metadata),
                         np.concatenate([store.features, features]))
 
 

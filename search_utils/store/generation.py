@@ -53,6 +53,7 @@ NEXT_SUFFIX = ".next"  # a sidecar of a generation being published
 HASH_NAME = "sha256"
 READ_ATTEMPTS = 5  # a reader that raced a publish reads again, up to this often
 RETRY_PAUSE = 0.02  # seconds, growing with each attempt
+_NPZ_ERRORS = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)  # a missing or damaged .npz
 
 
 def whitening_path(features_path: str) -> str:
@@ -238,7 +239,7 @@ def _load_whitening(source) -> tuple[str | None, dict[str, np.ndarray] | None]:
         with np.load(source) as data:
             generation = str(data["generation"]) if "generation" in data else None
             return generation, {key: data[key] for key in WHITENING_KEYS}
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    except _NPZ_ERRORS:
         return None, None
 
 
@@ -246,7 +247,7 @@ def _whitening_generation(name: str) -> str | None:
     try:
         with np.load(name) as data:
             return str(data["generation"]) if "generation" in data else None
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    except _NPZ_ERRORS:
         return None
 
 
