@@ -1,11 +1,13 @@
-# make setup | demo | test        (WEIGHTS=path/to/resnet50 weights file, optional)
+# make setup | demo | serve | test        (WEIGHTS=path/to/resnet50 weights file, optional)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WEIGHTS ?=
 QUERY ?= search.jpg
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: setup setup-dev demo test bench clean
+.PHONY: setup setup-dev demo index-demo serve test browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,20 +23,36 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+demo: index-demo
+	$(PY) imagenet_search.py --query $(QUERY) --featuresPath imagenet_features.csv --save results.png
+
 # The post's ResNet50 first; without internet (and no WEIGHTS=...) its
 # ImageNet weights can't be had (exit status 2, one line saying why), and the
 # demo goes on with efficientnet_lite0, whose weights came with pip.
 # --rebuild: the file may hold the fallback's features from an earlier demo;
 # it is only replaced once ResNet50 is loaded.
-demo: setup
+index-demo: setup
 	@$(PY) create_imagenet_features.py --dataset icons --output imagenet_features.csv --rebuild $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	|| { status=$$?; [ $$status -eq 2 ] && [ -z "$(WEIGHTS)" ] || exit $$status; \
 	     echo "demo: going on with efficientnet_lite0 (weights installed by pip)" >&2; \
 	     $(PY) create_imagenet_features.py --dataset icons --output imagenet_features.csv --model efficientnet_lite0; }
-	$(PY) imagenet_search.py --query $(QUERY) --featuresPath imagenet_features.csv --save results.png
 
-test: setup-dev
+# The search service and its web page on http://$(HOST):$(PORT)/ (indexes
+# icons/ first, as the demo does, if there is no features file yet).
+serve: setup
+	@test -f imagenet_features.csv || $(MAKE) --no-print-directory index-demo
+	$(PY) search_server.py --featuresPath imagenet_features.csv --host $(HOST) --port $(PORT)
+
+test: setup-dev browser
 	$(PY) -m pytest -q
+
+# The browser the web page's tests drive (Debian's chromium, through
+# Playwright; Playwright's own browser download doesn't work offline).
+browser:
+	@test -x /usr/bin/chromium || { \
+	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; }
+	@test -x /usr/bin/chromium
 
 # Speed against the post's approach, each script's last line the ratio
 # (docs/PERFORMANCE.md). bench_ann.py builds 1,000,000 synthetic rows the
@@ -44,6 +62,7 @@ bench: setup
 	$(PY) bench/bench_store.py
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_ann.py
+	$(PY) bench/bench_service.py
 
 clean:
 	rm -rf $(VENV) imagenet_features.csv imagenet_features.csv.* .imagenet_features.csv.*.tmp \

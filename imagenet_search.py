@@ -11,14 +11,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-from search_utils import ann, cli, plot
+from search_utils import cli, plot
+from search_utils.engine import query_features
 from search_utils.errors import PictureError, printable_path
-from search_utils.engine import query_features, store_model
 from search_utils.models import MODELS, load_extractor
-from search_utils.modes import DEFAULT_MODE, MODES, search_space
-from search_utils.result_paths import usable_hits
-from search_utils.search import ValueCheck, nearest
-from search_utils.store import load_features
+from search_utils.modes import DEFAULT_MODE, MODES
+from search_utils.searcher import Searcher
 
 DEFAULT_PICTURE = "search_results.png"
 
@@ -104,49 +102,25 @@ def checked_picture_file(name: str, query: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     picture = plan_picture(args)
-    store = load_features(args.featuresPath, mmap=True)  # HDF5: rows are read when used
-    model = store_model(store, args.model)
+    searcher = Searcher(args.featuresPath, args.model)
+    model = searcher.model
     weights = args.weights or model.weights
-    query, reused = query_features(store, args.query, model.spec,
+    query, reused = query_features(searcher.store, args.query, model.spec,
                                    lambda: load_extractor(model.spec, weights, model.precision))
-    hits = usable_hits(find_hits(args, store, query), store.metadata.get("base_dir"))
+    found = searcher.search(query, args.metric, args.numResults, args.exact, collapse=not args.keep_duplicates)
     # Notes once the search went through: a refused search is its one error line.
+    if found.method:
+        print(found.method, file=sys.stderr)
     if model.assumed:
         shown = printable_path(args.featuresPath)
-        why = f"the metadata of {shown} names no model" if store.metadata else f"{shown} has no metadata file"
+        why = f"the metadata of {shown} names no model" if searcher.store.metadata else f"{shown} has no metadata file"
         print(f"note: {why}; took it for the post's {model.spec.name} features", file=sys.stderr)
     if not reused:
         print(f"embedded the query with {model.spec.name}", file=sys.stderr)
-    print_results(args, hits)
-    note_fewer_results(args, len(store), hits)
-    show_picture(args, picture, hits)
+    print_results(args, found.hits)
+    note_fewer_results(args, len(searcher), found.hits)
+    show_picture(args, picture, found.hits)
     return 0
-
-
-def find_hits(args, store, query) -> list:
-    """chi2 goes through a fresh ANN index beside the features when there is
-    one (large collections, see search_utils/ann.py) unless --exact; every
-    other case scans every row."""
-    index = None
-    if args.metric == "chi2" and not args.exact:
-        index = ann.fresh_index(args.featuresPath, store.features)
-    # Values no distance can use (NaN, infinity; negative for chi2) are refused in one line, naming the
-    # row: the ANN path checks the query and the candidate rows it reads, search_space every row it
-    # will scan (search.ValueCheck). So the notes below come once the search has gone through.
-    if index is not None:
-        candidates = max(ann.DEFAULT_CANDIDATES, 4 * args.numResults)
-        values = ValueCheck(args.featuresPath, store.paths, "chi2")
-        hits = ann.nearest(index, values.reading(store.features), store.paths, values.query(query),
-                           args.numResults, candidates=candidates, collapse=not args.keep_duplicates)
-        print(f"approximate search ({index.describe()}, {candidates} candidates re-ranked "
-              "with exact chi2; --exact scans every row)", file=sys.stderr)
-        return hits
-    space = search_space(store, args.metric, source=args.featuresPath)
-    query = space.to_space(query)
-    if args.exact or len(store) >= ann.DEFAULT_THRESHOLD:
-        print(f"exact search ({len(store):,} rows)", file=sys.stderr)
-    return nearest(space.vectors, store.paths, query, args.numResults,
-                   space.metric, collapse=not args.keep_duplicates)
 
 
 def note_fewer_results(args, rows: int, hits: list) -> None:

@@ -13,6 +13,9 @@ Pieces, one job each:
     result_paths  result paths that open from the folder you search in
     plot     the results picture
     engine   the commands' two jobs as library calls
+    searcher a features file loaded for many searches (command and service)
+    service  the search service's web app (FastAPI): the only web code,
+             imported by search_server.py, never by the library
     cli      shared command-line plumbing (one-line errors, exit codes)
 
 Importing this package is cheap: TensorFlow loads only when a model is built.

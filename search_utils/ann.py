@@ -97,7 +97,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import SearchUtilsError
-from .search import SearchHit, distances, duplicate_groups, top_n
+from .search import SearchHit, distances, duplicate_groups, hit_of, top_n
 
 INDEX_SUFFIX = ".ann"
 FORMAT = "search_utils ann"
@@ -368,8 +368,8 @@ def nearest(index: AnnIndex, features: np.ndarray, paths: Sequence[str], query: 
     with _one_thread():
         dist = distances(local, query, "chi2")
     if not collapse:
-        return [SearchHit(rank, float(dist[i]), paths[rows[i]]) for rank, i in enumerate(top_n(dist, n), start=1)]
-    return [SearchHit(rank, float(dist[group[0]]), paths[rows[group[0]]], tuple(paths[rows[j]] for j in group[1:]))
+        return [hit_of(rank, dist, [i], paths, rows) for rank, i in enumerate(top_n(dist, n), start=1)]
+    return [hit_of(rank, dist, group, paths, rows)
             for rank, group in enumerate(duplicate_groups(local, dist, n), start=1)]
 
 

@@ -247,7 +247,7 @@ def bf16_supported() -> bool:
 
 
 def load_extractor(spec: ModelSpec, weights: str | None = None, precision: str = "float32",
-                   runtime: str = "tensorflow") -> FeatureExtractor:
+                   runtime: str = "tensorflow", hold_native_logs: bool = True) -> FeatureExtractor:
     """Build `spec`'s model with its weights and wrap it for embedding.
 
     Args:
@@ -259,6 +259,9 @@ def load_extractor(spec: ModelSpec, weights: str | None = None, precision: str =
             first; this function does as it is told.
         runtime: "tensorflow" or "openvino" (the same model converted;
             faster on CPUs, features equal to about 1e-6).
+        hold_native_logs: hold back TensorFlow's start-up lines (see
+            native_logs_held_back); a server building in a background
+            thread passes False, as that would swallow its own log lines.
 
     Raises:
         WeightsUnavailableError: the weights file is missing or unreadable,
@@ -272,7 +275,8 @@ def load_extractor(spec: ModelSpec, weights: str | None = None, precision: str =
     if weights is not None and not os.path.isfile(weights):
         raise WeightsUnavailableError(f"weights file not found: {weights}")
     source = spec.default_weights if weights is None else weights
-    with native_logs_held_back(), _dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32"):
+    held = native_logs_held_back() if hold_native_logs else contextlib.nullcontext()
+    with held, _dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32"):
         try:
             model = spec.build(source)
         except WeightsUnavailableError:

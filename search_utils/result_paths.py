@@ -14,7 +14,7 @@ import os
 
 def usable_hits(hits: list, base_dir: str | None) -> list:
     """The hits with paths that open from the current folder (see usable_path)."""
-    if not base_dir or not os.path.isabs(base_dir):  # no metadata (the post's script): nothing to resolve against
+    if not _resolvable(base_dir):
         return hits
     cwd = os.getcwd()
 
@@ -23,6 +23,16 @@ def usable_hits(hits: list, base_dir: str | None) -> list:
 
     return [dataclasses.replace(hit, path=usable(hit.path), copies=tuple(map(usable, hit.copies)))
             for hit in hits]
+
+
+def usable_from_here(stored: str, base_dir: str | None) -> str:
+    """One stored path as it opens from the current folder (see usable_path)."""
+    return usable_path(stored, base_dir, os.getcwd()) if _resolvable(base_dir) else stored
+
+
+def _resolvable(base_dir: str | None) -> bool:
+    """No base_dir (no metadata: the post's script): nothing to resolve against."""
+    return bool(base_dir) and os.path.isabs(base_dir)
 
 
 def usable_path(stored: str, base_dir: str, cwd: str) -> str:

@@ -90,6 +90,8 @@ class SearchHit:
     distance: float
     path: str
     copies: tuple[str, ...] = ()  # other paths holding the same image
+    row: int = -1  # the hit's row in the features file
+    copy_rows: tuple[int, ...] = ()  # the rows of `copies`
 
 
 # Two rows are copies of one image when their features agree to this
@@ -112,12 +114,18 @@ def nearest(
     """
     dist = distances(features, query, metric)
     if not collapse:
-        return [SearchHit(rank, float(dist[i]), paths[i]) for rank, i in enumerate(top_n(dist, n), start=1)]
+        return [hit_of(rank, dist, [i], paths) for rank, i in enumerate(top_n(dist, n), start=1)]
     groups = duplicate_groups(features, dist, n)
-    return [
-        SearchHit(rank, float(dist[group[0]]), paths[group[0]], tuple(paths[j] for j in group[1:]))
-        for rank, group in enumerate(groups, start=1)
-    ]
+    return [hit_of(rank, dist, group, paths) for rank, group in enumerate(groups, start=1)]
+
+
+def hit_of(rank: int, dist: Distances, group: Sequence[int], paths: Sequence[str],
+           rows: Sequence[int] | None = None) -> SearchHit:
+    """The hit for `group` ([position, *positions of its copies] in `dist`);
+    `rows` maps positions to the file's rows (default: the same)."""
+    file_rows = [int(rows[i] if rows is not None else i) for i in group]
+    return SearchHit(rank, float(dist[group[0]]), paths[file_rows[0]], tuple(paths[r] for r in file_rows[1:]),
+                     file_rows[0], tuple(file_rows[1:]))
 
 
 def duplicate_groups(features: np.ndarray, dist: Distances, n: int) -> list[list[int]]:
@@ -144,7 +152,8 @@ def duplicate_groups(features: np.ndarray, dist: Distances, n: int) -> list[list
 
 
 def _copies_of(features: np.ndarray, dist: Distances, row: int, taken: np.ndarray) -> list[int]:
-    near = np.abs(dist - dist[row]) <= 1e-4 * abs(dist[row]) + 1e-9
+    # Whitened copies differ by rounding (~1e-8) near distance 0: the slack admits them; the features decide.
+    near = np.abs(dist - dist[row]) <= 1e-4 * abs(dist[row]) + 1e-6
     candidates = np.flatnonzero(near & ~taken)
     reference = features[row].astype(np.float64)
     scale = np.abs(reference).sum() or 1.0

@@ -71,6 +71,7 @@ def test_copies_are_collapsed_among_candidates():
     index = ann.build_index(features, {}, reduced=32)
     hits = ann.nearest(index, features, paths, features[7], 3, collapse=True)
     assert hits[0].path == "img7.png" and hits[0].copies == ("img500.png",) and hits[0].distance == 0
+    assert (hits[0].row, hits[0].copy_rows) == (7, (500,))  # rows of the file, not of the candidates
     assert hits == search.nearest(features, paths, features[7], 3, "chi2", collapse=True)
 
 

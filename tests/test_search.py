@@ -110,10 +110,12 @@ def test_copies_collapse_into_one_hit():
     query = feats[1] * 0.999
     hits = S.nearest(feats, paths, query, n=3, collapse=True)
     assert hits[0].path == "p1" and hits[0].copies == ("p5", "p6")
+    assert all(paths[h.row] == h.path and [paths[r] for r in h.copy_rows] == list(h.copies) for h in hits)
     assert "p7" in [h.path for h in hits] and len({h.path for h in hits}) == 3
     assert [h.rank for h in hits] == [1, 2, 3]
     flat = S.nearest(feats, paths, query, n=3)
     assert [h.path for h in flat][:3] == ["p1", "p5", "p6"] and all(h.copies == () for h in flat)
+    assert [h.row for h in flat] == [1, 5, 6]
 
 
 def test_collapse_reaches_past_many_copies():
