@@ -8,7 +8,9 @@ Then open http://127.0.0.1:8000/ (the API is described at /openapi.json).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -92,7 +94,17 @@ def serve(args, listener: socket.socket) -> None:
           file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=args.access_log,
                                            timeout_graceful_shutdown=5))
+    logging.getLogger("uvicorn.error").addFilter(no_cancelled_traces)
     server.run(sockets=[listener])
+
+
+def no_cancelled_traces(record: logging.LogRecord) -> bool:
+    """A second Ctrl-C quits at once, cancelling the app's start/stop task
+    mid-wait; uvicorn would log that cancellation as a traceback (passed on
+    as text by Starlette, or as the exception)."""
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        return False
+    return not str(record.msg).rstrip().endswith("CancelledError")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -42,7 +42,8 @@ def _cosine(rows: np.ndarray, query: np.ndarray) -> Distances:
     dot_norm = kernels.dot_and_norm_rows(rows, query)
     norms = np.sqrt(dot_norm[:, 1]) * np.linalg.norm(query.astype(np.float64))
     safe = np.where(norms > 0, norms, 1.0)
-    return np.where(norms > 0, 1.0 - dot_norm[:, 0] / safe, 1.0)
+    # Rounding can put an image's own copy a hair below 0 (-4e-9): never shown as a negative distance.
+    return np.where(norms > 0, np.maximum(1.0 - dot_norm[:, 0] / safe, 0.0), 1.0)
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], Distances]] = {

@@ -437,3 +437,31 @@ def test_sigint_stops_the_warm_server_cleanly(server):
     server.wait_for_model()
     server.process.send_signal(signal.SIGINT)
     assert_stopped_cleanly(server)
+
+
+def test_a_second_ctrl_c_quits_at_once_without_a_traceback(collection):
+    """A request still in flight (an upload whose body never ends) holds the
+    graceful shutdown open after the first SIGINT: uvicorn closes its port
+    then waits for it (observable: new connections are refused), and the
+    second SIGINT lands in that wait, where uvicorn quits at once."""
+    with running_server(collection / "features.csv", cwd=collection) as server:
+        server.wait_for_model()
+        host, port = server.url.removeprefix("http://").rstrip("/").split(":")
+        stalled = socket.create_connection((host, int(port)), timeout=PATIENCE)
+        stalled.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+        server.get_json("api/health")  # the stalled request is in (the server answers around it)
+        try:
+            server.process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + PATIENCE
+            while True:  # until the port is closed: shutting down, held by the stalled upload
+                try:
+                    socket.create_connection((host, int(port)), timeout=5).close()
+                except OSError:
+                    break
+                assert time.monotonic() < deadline, "the first SIGINT did not start the shutdown"
+            assert server.process.poll() is None  # still waiting for the stalled upload
+            server.process.send_signal(signal.SIGINT)
+            assert_stopped_cleanly(server)
+        finally:
+            stalled.close()
