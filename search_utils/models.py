@@ -260,8 +260,9 @@ def load_extractor(spec: ModelSpec, weights: str | None = None, precision: str =
         runtime: "tensorflow" or "openvino" (the same model converted;
             faster on CPUs, features equal to about 1e-6).
         hold_native_logs: hold back TensorFlow's start-up lines (see
-            native_logs_held_back); a server building in a background
-            thread passes False, as that would swallow its own log lines.
+            native_logs_held_back). False for a caller that holds them
+            itself, or whose other threads log meanwhile (the service):
+            fd 2 is the whole process's, and their lines would be lost.
 
     Raises:
         WeightsUnavailableError: the weights file is missing or unreadable,

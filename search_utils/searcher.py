@@ -6,7 +6,6 @@ as long as the files it was read from stay the same (`signature`).
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from .engine import store_model
 from .modes import SearchSpace, search_space
 from .result_paths import usable_from_here, usable_hits
 from .search import SearchHit, ValueCheck, find_row, nearest
-from .store import load_features, metadata_path, whitening_path
+from .store import files_signature, load_features, metadata_path, whitening_path
 
 # numba's default threading layer aborts the process when two threads run
 # parallel kernels at once, and one query already uses every core: searches
@@ -34,18 +33,10 @@ class Found:
 
 
 def signature(features_path: str) -> tuple:
-    """What the files of one features generation are now (inode, time, size):
-    a re-indexing run that publishes a new generation changes it."""
-    names = (features_path, metadata_path(features_path), whitening_path(features_path),
-             ann.index_path(features_path))
-    found = []
-    for name in names:
-        try:
-            info = os.stat(name)
-            found.append((info.st_ino, info.st_mtime_ns, info.st_size))
-        except OSError:
-            found.append(None)
-    return tuple(found)
+    """What the files of one features generation are now: a re-indexing run
+    that publishes a new generation changes it."""
+    return files_signature(features_path, metadata_path(features_path), whitening_path(features_path),
+                           ann.index_path(features_path))
 
 
 class Searcher:

@@ -27,7 +27,7 @@ from ..models import native_logs_held_back
 from ..modes import DEFAULT_MODE, MODES
 from ..searcher import Searcher
 from .config import MULTIPART_OVERHEAD, ServiceConfig, ServiceError
-from .files import Thumbnails, etag_matches, image_bytes, indexed_file, read_upload
+from .files import Thumbnails, check_row, etag_matches, image_bytes, indexed_file, read_upload
 from .live import FollowedIndex, WarmModel
 from .middleware import Backstop, InFlightLimit, SecurityHeaders, UploadLimit
 
@@ -105,8 +105,7 @@ def create_app(config: ServiceConfig, log: Callable[[str], None] | None = None) 
                      keep_duplicates: bool = False) -> SearchResponse:
         """Search by an indexed image, named by its row id (never by a path)."""
         searcher = index.current()
-        if id >= len(searcher):
-            raise ServiceError(404, f"no image with id {id}: ids go from 0 to {len(searcher) - 1}")
+        check_row(searcher, id)
         return _respond(searcher, searcher.store.features[id], searcher.shown_path(id), id,
                         metric, n, exact, keep_duplicates)
 

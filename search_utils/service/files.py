@@ -69,6 +69,12 @@ def _copy_limited(source, target, limit: int) -> int:
     return copied
 
 
+def check_row(searcher: Searcher, row: int) -> None:
+    """404 unless `row` is a row id of the loaded index."""
+    if not 0 <= row < len(searcher):
+        raise ServiceError(404, f"no image with id {row}: ids go from 0 to {len(searcher) - 1}")
+
+
 def indexed_file(searcher: Searcher, row: int) -> str:
     """The file of indexed row `row`, as it opens from here.
 
@@ -76,8 +82,7 @@ def indexed_file(searcher: Searcher, row: int) -> str:
     file, never from the request, and must still lead (symlinks resolved)
     into the folder that was indexed.
     """
-    if not 0 <= row < len(searcher):
-        raise ServiceError(404, f"no image with id {row}: ids go from 0 to {len(searcher) - 1}")
+    check_row(searcher, row)
     stored = searcher.store.paths[row]
     base_dir = searcher.base_dir if searcher.base_dir and os.path.isabs(searcher.base_dir) else os.getcwd()
     dataset = searcher.store.metadata.get("dataset")

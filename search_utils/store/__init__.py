@@ -18,7 +18,7 @@ from .formats import (
     CSV_EXTENSIONS, SUPPORTED_EXTENSIONS, append_features, file_format, iter_feature_chunks, load_features,
     output_format, save_features,
 )
-from .generation import NEXT_SUFFIX, WHITENING_SUFFIX, finish_interrupted_publish, whitening_path
+from .generation import NEXT_SUFFIX, WHITENING_SUFFIX, files_signature, finish_interrupted_publish, whitening_path
 from .hdf5_format import HDF5_EXTENSIONS, HDF5_SIGNATURE
 from .metadata import METADATA_SUFFIX, metadata_path, read_metadata
 
@@ -33,7 +33,8 @@ def recover_interrupted_write(path: str) -> None:
 __all__ = [
     "CSV_EXTENSIONS", "ENCODING_ERRORS", "NEXT_SUFFIX", "FORMAT_VERSION", "HDF5_EXTENSIONS", "HDF5_SIGNATURE", "METADATA_SUFFIX",
     "SUPPORTED_EXTENSIONS", "WHITENING_KEYS", "WHITENING_SUFFIX", "FeatureStore", "FileWriteError",
-    "append_features", "atomic_write", "file_format", "finish_interrupted_publish", "iter_feature_chunks",
+    "append_features", "atomic_write", "file_format", "files_signature", "finish_interrupted_publish",
+    "iter_feature_chunks",
     "load_features", "metadata_path", "output_format", "read_metadata", "recover_interrupted_write",
     "remove_stale_temporaries",
     "save_features", "whitening_path",

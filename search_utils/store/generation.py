@@ -187,16 +187,22 @@ def _open_existing(*names: str) -> list[IO[bytes]]:
     return handles
 
 
-def _names_signature(path: str) -> list:
+def _names_signature(path: str) -> tuple:
     """Which files the names of a generation point at now: a publish changes it."""
+    return files_signature(path, metadata_path(path), metadata_path(path) + NEXT_SUFFIX)
+
+
+def files_signature(*names: str) -> tuple:
+    """What each name points at now (inode, modification time, size; None:
+    nothing): a file replaced by a rename, or rewritten, changes it."""
     signature = []
-    for name in (path, metadata_path(path), metadata_path(path) + NEXT_SUFFIX):
+    for name in names:
         try:
             info = os.stat(name)
             signature.append((info.st_ino, info.st_mtime_ns, info.st_size))
         except OSError:
             signature.append(None)
-    return signature
+    return tuple(signature)
 
 
 def _read_hashed(path: str, read_rows) -> tuple[list[str], np.ndarray, str]:
