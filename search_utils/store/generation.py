@@ -159,24 +159,40 @@ def read(path: str, read_rows: Callable[[IO[bytes]], tuple[list[str], np.ndarray
     """
     for attempt in range(READ_ATTEMPTS):
         before = _names_signature(path)
-        # Sidecars before the CSV, and whitening files held open: whatever
-        # generation the CSV turns out to be, its sidecars were in place
-        # when they were taken (a writer publishes one at a time).
-        # `.next` first: if it is renamed in between, the final name has it.
-        candidates = [m for m in (_read_quietly(metadata_path(path) + NEXT_SUFFIX),
-                                  read_metadata_file(metadata_path(path))) if m is not None]
-        with contextlib.ExitStack() as stack:
-            whitenings = [stack.enter_context(f) for f in _open_existing(
-                whitening_path(path) + NEXT_SUFFIX, whitening_path(path))]
-            paths, features, digest = _read_hashed(path, read_rows)
-            for metadata in candidates:
-                if metadata.get("features_sha256") == digest:
-                    check_shape(path, metadata, *features.shape, CSV_MISMATCH)
-                    return Generation(paths, features, metadata, _whitening_of(whitenings, metadata, features))
-        if _names_signature(path) == before:
+        paths, features, found = _read_pairing(path, read_rows)
+        settled = _names_signature(path) == before
+        # A rewrite of the same bytes matches an older generation's metadata too (the same hash):
+        # its whitening is then another id's. So a match without its whitening counts only if
+        # nothing moved while reading.
+        if found is not None and (found.whitening is not None or settled):
+            return found
+        if settled:
             break  # nothing moved while reading: no generation records these bytes (edited, or older)
         time.sleep(RETRY_PAUSE * (attempt + 1))  # raced a publish: read again
-    return _unverified(path, paths, features)
+    return found if found is not None else _unverified(path, paths, features)
+
+
+def _read_pairing(path: str, read_rows) -> tuple[list[str], np.ndarray, Generation | None]:
+    """The CSV's rows, and them with the sidecars that record their bytes
+    (None if none do).
+
+    Sidecars before the CSV, and whitening files held open: whatever
+    generation the CSV turns out to be, its sidecars were in place when
+    they were taken (a writer publishes one at a time). `.next` first: if
+    it is renamed in between, the final name has it.
+    """
+    candidates = [m for m in (_read_quietly(metadata_path(path) + NEXT_SUFFIX),
+                              read_metadata_file(metadata_path(path))) if m is not None]
+    with contextlib.ExitStack() as stack:
+        whitenings = [stack.enter_context(f) for f in _open_existing(
+            whitening_path(path) + NEXT_SUFFIX, whitening_path(path))]
+        paths, features, digest = _read_hashed(path, read_rows)
+        for metadata in candidates:
+            if metadata.get("features_sha256") == digest:
+                check_shape(path, metadata, *features.shape, CSV_MISMATCH)
+                return paths, features, Generation(paths, features, metadata,
+                                                   _whitening_of(whitenings, metadata, features))
+    return paths, features, None
 
 
 def _open_existing(*names: str) -> list[IO[bytes]]:
@@ -189,7 +205,8 @@ def _open_existing(*names: str) -> list[IO[bytes]]:
 
 def _names_signature(path: str) -> tuple:
     """Which files the names of a generation point at now: a publish changes it."""
-    return files_signature(path, metadata_path(path), metadata_path(path) + NEXT_SUFFIX)
+    meta, white = metadata_path(path), whitening_path(path)
+    return files_signature(path, meta, meta + NEXT_SUFFIX, white, white + NEXT_SUFFIX)
 
 
 def files_signature(*names: str) -> tuple:
