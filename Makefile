@@ -1,4 +1,5 @@
 # make setup | demo | serve | test        (WEIGHTS=path/to/resnet50 weights file, optional)
+# make setup-scale | db | db-stop          (Ray and PostgreSQL + pgvector: large collections)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,11 +8,15 @@ QUERY ?= search.jpg
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup setup-dev demo index-demo serve test browser bench clean
+DB_DIR ?= .db
+
+.PHONY: setup setup-dev setup-scale demo index-demo serve db db-stop test browser netns-tools bench bench-scale clean
 
 setup: $(VENV)/.installed
 
 setup-dev: $(VENV)/.installed-dev
+
+setup-scale: $(VENV)/.installed-scale
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +26,10 @@ $(VENV)/.installed: requirements.txt
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.installed-scale: $(VENV)/.installed requirements-scale.txt
+	$(PY) -m pip install --quiet -r requirements-scale.txt
 	touch $@
 
 demo: index-demo
@@ -43,8 +52,23 @@ serve: setup
 	@test -f imagenet_features.csv || $(MAKE) --no-print-directory index-demo
 	$(PY) search_server.py --featuresPath imagenet_features.csv --host $(HOST) --port $(PORT)
 
-test: setup-dev browser
+# A local PostgreSQL + pgvector on 127.0.0.1 (data in $(DB_DIR)/, kept between
+# runs); the last line printed is the URI for --db.
+db: setup-scale
+	@$(PY) -m search_utils.vector_db.local_server start $(DB_DIR)
+
+db-stop: setup-scale
+	@$(PY) -m search_utils.vector_db.local_server stop $(DB_DIR)
+
+test: setup-dev setup-scale browser netns-tools
 	$(PY) -m pytest -q
+
+# The multi-node Ray tests run their cluster in a private network namespace
+# (unshare, from util-linux; ip, from iproute2), where only loopback exists.
+netns-tools:
+	@command -v unshare >/dev/null && command -v ip >/dev/null || { \
+	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq iproute2 util-linux >/dev/null; }
 
 # The browser the web page's tests drive (Debian's chromium, through
 # Playwright; Playwright's own browser download doesn't work offline).
@@ -63,6 +87,12 @@ bench: setup
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_ann.py
 	$(PY) bench/bench_service.py
+
+# The optional engines against the embedded path: Ray indexing, pgvector search
+# (bench_db.py reuses bench_ann.py's million rows; its first sync takes minutes).
+bench-scale: setup-scale
+	$(PY) bench/bench_ray.py
+	$(PY) bench/bench_db.py
 
 clean:
 	rm -rf $(VENV) imagenet_features.csv imagenet_features.csv.* .imagenet_features.csv.*.tmp \

@@ -19,6 +19,8 @@ from search_utils.locking import exclusive_output
 from search_utils.models import DEFAULT_MODEL, MODELS, PRECISIONS, RUNTIMES, bf16_supported, get_model_spec, load_extractor
 from search_utils.store import load_features
 
+LOCAL_CLUSTER = "local"  # --ray without an address: RayEmbedder starts one
+
 
 def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -48,6 +50,15 @@ def parse_args(argv):
     parser.add_argument("--include-hidden", action="store_true",
                         help="also index hidden files and folders (names starting with a dot, e.g. .thumbnails/, "
                              "which usually hold copies of the real pictures)")
+    scale = parser.add_argument_group("large collections and clusters (pip install -r requirements-scale.txt)")
+    scale.add_argument("--ray", nargs="?", const=LOCAL_CLUSTER, metavar="ADDRESS",
+                       help="embed on a Ray cluster: `auto` or host:port of a running one; without ADDRESS, "
+                            "a local one is started for the run. Workers read the same paths (a shared file system)")
+    scale.add_argument("--ray-actors", type=positive_int, metavar="N",
+                       help="model copies on the cluster (default: one per 2 CPUs it has)")
+    scale.add_argument("--db", metavar="URI",
+                       help="also keep the vectors in this PostgreSQL + pgvector database (postgresql://...), "
+                            "for imagenet_search.py --db; only the difference is sent")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -73,6 +84,7 @@ def choose_precision(spec, requested: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    database = open_database(args.db) if args.db else None  # one line and exit 2 if down, before any work
     spec = get_model_spec(args.model)
     if args.resize:
         spec = dataclasses.replace(spec, resize=args.resize)
@@ -87,12 +99,46 @@ def main(argv=None) -> int:
     check_output(args.output)  # every file the run writes, before its lock file is made beside it
     choice = ModelChoice(spec, args.weights, choose_precision(spec, args.precision), args.runtime)
     with exclusive_output(args.output), Progress(args.quiet) as progress:  # lock before any work
-        report = update_index(args.dataset, args.output, choice,
-                              lambda: load_extractor(spec, args.weights, choice.precision, choice.runtime),
-                              paths, args.batch_size, args.rebuild, progress.events(), unlisted)
+        events = progress.events()
+        report = update_index(args.dataset, args.output, choice, extractor_factory(args, choice, events.note),
+                              paths, args.batch_size, args.rebuild, events, unlisted)
         keep_ann_index(args.output, report.rows, args.ann_threshold)  # under the lock: nobody replaces the file
+        if database is not None:
+            sync_database(database, args.output, args.rebuild)
     print(summary(report), file=sys.stderr)
     return 0
+
+
+def open_database(uri: str):
+    from search_utils import vector_db  # optional extra: imported only when asked for
+
+    return vector_db.open_database(uri)
+
+
+def extractor_factory(args, choice: ModelChoice, note):
+    """What embeds: this process's model, or an actor pool on a Ray cluster
+    (built only if something needs embedding)."""
+    if args.ray is None:
+        return lambda: load_extractor(choice.spec, args.weights, choice.precision, choice.runtime)
+    from search_utils import ray_indexing  # optional extra: imported only when asked for
+
+    return lambda: ray_indexing.RayEmbedder(args.ray, choice, actors=args.ray_actors, note=note)
+
+
+def sync_database(database, output: str, rebuild: bool) -> None:
+    """Send the database what changed in the features file just published
+    (a failure here leaves the file published: the next run sends the rest)."""
+    from search_utils.vector_db import DatabaseError
+
+    try:
+        report = database.sync(output, load_features(output, mmap=True), rebuild=rebuild,
+                               note=lambda text: print(f"note: {text}", file=sys.stderr))
+    except DatabaseError as error:
+        raise DatabaseError(f"{output} is written, but the database was not updated: {error}; "
+                            f"run the same command again to send the difference") from None
+    finally:
+        database.close()
+    print(str(report), file=sys.stderr)
 
 
 def keep_ann_index(output: str, rows: int, threshold: int) -> None:

@@ -16,7 +16,7 @@ from search_utils.engine import query_features
 from search_utils.errors import PictureError, printable_path
 from search_utils.models import MODELS, load_extractor
 from search_utils.modes import DEFAULT_MODE, MODES
-from search_utils.searcher import Searcher
+from search_utils.searcher import EMBEDDED, Searcher
 
 DEFAULT_PICTURE = "search_results.png"
 
@@ -38,6 +38,9 @@ def parse_args(argv):
                         help="expected model; refuse a features file made with another")
     parser.add_argument("--weights", metavar="PATH",
                         help="local weights file for embedding an outside query (default: as recorded when indexing)")
+    parser.add_argument("--db", metavar="URI",
+                        help="take chi2 candidates from this PostgreSQL + pgvector database (kept by "
+                             "create_imagenet_features.py --db) and re-rank them exactly from the features file")
     parser.add_argument("--json", action="store_true",
                         help="print results as JSON; no picture then, unless --save is given (JSON is for scripts)")
     picture = parser.add_mutually_exclusive_group()
@@ -102,7 +105,8 @@ def checked_picture_file(name: str, query: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     picture = plan_picture(args)
-    searcher = Searcher(args.featuresPath, args.model)
+    backend = database_backend(args)
+    searcher = Searcher(args.featuresPath, args.model, backend=backend or EMBEDDED)
     model = searcher.model
     weights = args.weights or model.weights
     query, reused = query_features(searcher.store, args.query, model.spec,
@@ -121,6 +125,19 @@ def main(argv=None) -> int:
     note_fewer_results(args, len(searcher), found.hits)
     show_picture(args, picture, found.hits)
     return 0
+
+
+def database_backend(args):
+    """The database's candidates for --db (one line and exit 2 if it is down)."""
+    if not args.db:
+        return None
+    from search_utils import vector_db  # optional extra: imported only when asked for
+
+    if args.metric != "chi2" or args.exact:
+        why = "--exact" if args.exact else f"--metric {args.metric}"
+        print(f"note: {why} scans every row of the features file; the database serves chi2 candidates",
+              file=sys.stderr)
+    return vector_db.open_database(args.db).backend()
 
 
 def note_fewer_results(args, rows: int, hits: list) -> None:

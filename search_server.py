@@ -53,6 +53,9 @@ def parse_args(argv):
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable; "
                              "default: none (CORS off)")
+    parser.add_argument("--db", metavar="URI",
+                        help="take chi2 candidates from this PostgreSQL + pgvector database (kept by "
+                             "create_imagenet_features.py --db), re-ranked exactly from the features file")
     parser.add_argument("--access-log", action="store_true", help="log every request on stderr")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -82,7 +85,7 @@ def serve(args, listener: socket.socket) -> None:
 
     config = ServiceConfig(args.featuresPath, model=args.model, weights=args.weights,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), wait_seconds=args.wait_seconds,
-                           cors_origins=args.cors_origin)
+                           cors_origins=args.cors_origin, backend=database_backend(args.db))
     app = create_app(config)
     count = len(app.state.index.current())
     host, port = listener.getsockname()[:2]
@@ -96,6 +99,17 @@ def serve(args, listener: socket.socket) -> None:
                                            timeout_graceful_shutdown=5))
     logging.getLogger("uvicorn.error").addFilter(no_cancelled_traces)
     server.run(sockets=[listener])
+
+
+def database_backend(uri: str | None):
+    """The embedded search, or a vector database's candidates (--db)."""
+    from search_utils.searcher import EMBEDDED
+
+    if not uri:
+        return EMBEDDED
+    from search_utils import vector_db  # optional extra: imported only when asked for
+
+    return vector_db.open_database(uri).backend()
 
 
 def no_cancelled_traces(record: logging.LogRecord) -> bool:

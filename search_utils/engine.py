@@ -30,7 +30,7 @@ from .errors import (
     WeightsUnavailableError,
 )
 from .images import RESAMPLING, find_images, load_image
-from .indexing import embed_batches
+from .indexing import batches_of
 from .models import DEFAULT_MODEL, PRECISIONS, FeatureExtractor, ModelSpec, bf16_supported, get_model_spec
 from .modes import learn_whitening, whitening_input
 from .search import find_row
@@ -541,12 +541,14 @@ class _Update:
             self.events.skip(error)
 
     def _embed(self, todo: dict[str, str], make_extractor, batch_size: int) -> None:
-        """Embed one file per missing content; each batch is one commit."""
+        """Embed one file per missing content; each batch is one commit.
+        `make_extractor` gives a FeatureExtractor or a PathEmbedder (a
+        cluster); batches may come back in any order."""
         extractor = make_extractor()
         self.events.embedding(len(todo))
         digest_of = {path: digest for digest, path in todo.items()}
         start = time.perf_counter()
-        for batch in embed_batches(list(todo.values()), extractor, batch_size):
+        for batch in batches_of(extractor, list(todo.values()), batch_size):
             self.state.add_contents({digest_of[p]: row for p, row in zip(batch.paths, batch.features)},
                                     {digest_of[e.path]: e.reason for e in batch.skipped})
             for error in batch.skipped:

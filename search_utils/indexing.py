@@ -27,6 +27,24 @@ class EmbeddingResult:
     skipped: list[ImageReadError] = field(default_factory=list)
 
 
+class PathEmbedder:
+    """Something that embeds files by path, decoding them itself: a cluster
+    (search_utils.ray_indexing) instead of this process's FeatureExtractor.
+    `update_index` takes either from its `make_extractor`."""
+
+    def embed_files(self, paths: Sequence[str], batch_size: int) -> Iterator[EmbeddingResult]:
+        """Like embed_batches: each batch as it is done, in any order."""
+        raise NotImplementedError
+
+
+def batches_of(source: "FeatureExtractor | PathEmbedder", paths: Sequence[str],
+               batch_size: int) -> Iterator[EmbeddingResult]:
+    """The batches of `paths` embedded by `source`, whichever kind it is."""
+    if isinstance(source, PathEmbedder):
+        return source.embed_files(paths, batch_size)
+    return embed_batches(paths, source, batch_size)
+
+
 def embed_images(
     paths: Sequence[str],
     extractor: FeatureExtractor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -32,6 +32,34 @@ class Found:
     method: str | None  # how the rows were searched, when worth saying (large collections)
 
 
+class CandidateIndex(Protocol):
+    """Proposes rows near a query; they are re-ranked with exact chi2."""
+
+    def search(self, query: np.ndarray, k: int, probes: int | None = None) -> np.ndarray:
+        """Row ids of the store, about the `k` nearest first."""
+
+    def describe(self) -> str:
+        """What searched, for the method line."""
+
+
+class SearchBackend(Protocol):
+    """Where chi2 candidates come from for one generation of a features file."""
+
+    def candidates_for(self, features_path: str, store, note: Callable[[str], None]) -> CandidateIndex | None:
+        """The candidate index, or None: scan every row (and `note` why, if worth saying)."""
+
+
+class EmbeddedBackend:
+    """The default: the FAISS index beside the features file when there is a
+    fresh one (large collections, see ann.py), else the exact scan."""
+
+    def candidates_for(self, features_path: str, store, note: Callable[[str], None]) -> CandidateIndex | None:
+        return ann.fresh_index(features_path, store.features, note)
+
+
+EMBEDDED = EmbeddedBackend()
+
+
 def signature(features_path: str) -> tuple:
     """What the files of one features generation are now: a re-indexing run
     that publishes a new generation changes it."""
@@ -46,14 +74,15 @@ class Searcher:
     """
 
     def __init__(self, features_path: str, model: str | None = None,
-                 note: Callable[[str], None] | None = None):
+                 note: Callable[[str], None] | None = None, backend: SearchBackend = EMBEDDED):
         self.features_path = features_path
+        self.backend = backend
         self.signature = signature(features_path)  # before reading: a change while reading shows next time
         self.store = load_features(features_path, mmap=True)  # HDF5: rows are read when used
         self.model = store_model(self.store, model)
         self._note = note or _stderr
         self._spaces: dict[str, SearchSpace] = {}
-        self._index: ann.AnnIndex | None | bool = False  # False: not looked for yet
+        self._index: CandidateIndex | None | bool = False  # False: not looked for yet
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -78,16 +107,17 @@ class Searcher:
                collapse: bool = True) -> Found:
         """The `n` rows nearest to the query's features in `mode` (modes.MODES).
 
-        chi2 goes through a fresh ANN index beside the features when there is
-        one (large collections, see ann.py) unless `exact`; every other case
-        scans every row. Values no distance can use are refused in one line
+        chi2 takes candidates from the backend when it has them (the
+        embedded one: a fresh ANN index beside the features, for large
+        collections; a vector database) unless `exact`, and re-ranks them
+        with exact chi2; every other case scans every row. Values no distance can use are refused in one line
         naming the row (search.ValueCheck): the ANN path checks the query and
         the candidates it reads, the scan every row once per mode.
 
         Raises:
             FeatureValuesError: a value the mode can't use.
         """
-        index = self.ann_index() if mode == "chi2" and not exact else None
+        index = self.candidate_index() if mode == "chi2" and not exact else None
         with _COMPUTE:
             if index is not None:
                 hits, method = self._approximate(index, query, n, collapse)
@@ -95,10 +125,10 @@ class Searcher:
                 hits, method = self._exact(query, mode, n, exact, collapse)
         return Found(usable_hits(hits, self.base_dir), method)
 
-    def ann_index(self) -> ann.AnnIndex | None:
+    def candidate_index(self) -> CandidateIndex | None:
         with self._lock:
             if self._index is False:
-                self._index = ann.fresh_index(self.features_path, self.store.features, self._note)
+                self._index = self.backend.candidates_for(self.features_path, self.store, self._note)
             return self._index
 
     def space(self, mode: str) -> SearchSpace:
@@ -108,7 +138,7 @@ class Searcher:
                 self._spaces[mode] = search_space(self.store, mode, self._note, source=self.features_path)
             return self._spaces[mode]
 
-    def _approximate(self, index: ann.AnnIndex, query: np.ndarray, n: int, collapse: bool):
+    def _approximate(self, index: CandidateIndex, query: np.ndarray, n: int, collapse: bool):
         candidates = max(ann.DEFAULT_CANDIDATES, 4 * n)
         values = ValueCheck(self.features_path, self.store.paths, "chi2")
         hits = ann.nearest(index, values.reading(self.store.features), self.store.paths, values.query(query),

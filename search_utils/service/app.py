@@ -154,6 +154,7 @@ def create_app(config: ServiceConfig, log: Callable[[str], None] | None = None) 
     def stats() -> dict:
         """The collection: count, model, modes, and how fresh the loaded index is."""
         searcher = index.current()
+        candidates = searcher.candidate_index()
         return {
             "count": len(searcher),
             "features_path": config.features_path,
@@ -166,7 +167,8 @@ def create_app(config: ServiceConfig, log: Callable[[str], None] | None = None) 
             "indexed_at": searcher.store.metadata.get("updated") or searcher.store.metadata.get("created"),
             "loaded_at": _iso(index.loaded_at),
             "file_modified": _modified(config.features_path),
-            "ann_index": searcher.ann_index() is not None,
+            "ann_index": candidates is not None,  # chi2 goes through candidates, re-ranked exactly
+            "candidates": candidates.describe() if candidates is not None else None,
             "max_upload_bytes": config.max_upload_bytes,
             "up_since": _iso(started),
         }

@@ -7,6 +7,7 @@ from typing import Callable
 
 from ..engine import StoreModel
 from ..models import FeatureExtractor
+from ..searcher import EMBEDDED, SearchBackend
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and headers around the uploaded file
@@ -23,6 +24,7 @@ class ServiceConfig:
     max_requests: int = 64  # requests in progress at once (uploads spool while parsed); more get 503
     wait_seconds: float = 30.0  # the longest an uploaded query waits for the model, then 503
     cors_origins: list[str] = field(default_factory=list)
+    backend: SearchBackend = EMBEDDED  # where chi2 candidates come from (a vector database: --db)
     load_model: bool = True  # build the model at start-up (tests of stored queries pass False)
     make_extractor: Callable[[StoreModel, str | None], FeatureExtractor] | None = None  # tests: a fake
 

@@ -36,7 +36,8 @@ class FollowedIndex:
         self._failed_at = 0.0
 
     def _load(self) -> Searcher:
-        return Searcher(self._config.features_path, self._config.model, note=self._log)
+        return Searcher(self._config.features_path, self._config.model, note=self._log,
+                        backend=self._config.backend)
 
     def current(self) -> Searcher:
         searcher = self._searcher
