@@ -108,7 +108,7 @@ class RayEmbedder(PathEmbedder):
             actors = room
         nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
         where = "a local Ray cluster" if self.address == LOCAL else f"the Ray cluster at {self.address}"
-        self.note(f"embedding on {where}: {actors} actors on {nodes} nodes ({cpus:g} CPUs)")
+        self.note(f"embedding on {where}: {_count(actors, 'actor')} on {_count(nodes, 'node')} ({cpus:g} CPUs)")
         return actors
 
     def _blocks(self, paths: Sequence[str], batch_size: int) -> Iterator[dict]:
@@ -257,3 +257,7 @@ def _one_line(error: BaseException) -> str:
 
 
 __all__ = ["ClusterError", "RayEmbedder", "BatchEmbedder"]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -75,7 +75,8 @@ def read_rows(path: str, handle: IO[bytes]) -> tuple[list[str], np.ndarray]:
     """
     try:
         frame = pd.read_csv(
-            handle, header=None, dtype={0: str}, keep_default_na=False,
+            handle, header=None, dtype={0: object}, keep_default_na=False,  # object: Python strings, which
+            # keep undecodable bytes as surrogates (with pyarrow installed, str is an Arrow string that can't)
             na_values=[""], encoding="utf-8", encoding_errors=ENCODING_ERRORS,
         )
     except pd.errors.EmptyDataError:

@@ -20,6 +20,7 @@ reach DIR (a folder under /tmp works; /root/... does not).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import os
 import pwd
@@ -28,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from typing import Sequence
 
 from ..errors import SearchUtilsError
@@ -53,8 +55,8 @@ class LocalServerError(SearchUtilsError):
     exit_code = 2
 
 
-def pg_bin(name: str) -> str:
-    """A PostgreSQL program from the pgserver package."""
+def pg_install() -> str:
+    """The folder of pgserver's PostgreSQL install (bin/, lib/, share/)."""
     import importlib.util
 
     # found, not imported: importing pgserver sets up its own server machinery
@@ -62,10 +64,55 @@ def pg_bin(name: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise LocalServerError("the local database server needs pgserver: pip install -r requirements-scale.txt "
                                "(or make setup-scale)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "pginstall", "bin", name)
+    return os.path.join(list(spec.submodule_search_locations)[0], "pginstall")
+
+
+def pg_bin(name: str, install: str | None = None) -> str:
+    """A PostgreSQL program of `install` (default: pgserver's own)."""
+    path = os.path.join(install or pg_install(), "bin", name)
     if not os.access(path, os.X_OK):
         raise LocalServerError(f"pgserver has no {name} program at {path}")
     return path
+
+
+def _install_reachable_by(user: str) -> str:
+    """pgserver's install if `user` can run it; else a copy it can, made
+    once in the system's temporary folder. As root, the venv often lies in a
+    folder only root may enter (/root/..., a mode-700 temporary checkout),
+    and the server's user must run the programs and read their libraries."""
+    install = pg_install()
+    if _can_run(user, pg_bin("postgres", install)):
+        return install
+    info = os.stat(pg_bin("postgres", install))
+    key = f"{install}:{info.st_size}:{info.st_mtime_ns}".encode("utf-8", "surrogateescape")
+    name = f"search-utils-pginstall-{hashlib.blake2b(key, digest_size=6).hexdigest()}"
+    copy = os.path.join(tempfile.gettempdir(), name)
+    copied_install = os.path.join(copy, "pgserver", "pginstall")
+    program = os.path.join(copied_install, "bin", "postgres")
+    ours = os.path.isfile(program) and os.stat(copy).st_uid == os.geteuid()  # not planted by another user
+    if not (ours and _can_run(user, program)):
+        _copy_for_all(install, copy)
+    return copied_install
+
+
+def _copy_for_all(install: str, copy: str) -> None:
+    """site-packages/pgserver/pginstall and pgserver.libs (the programs find
+    their shared libraries at $ORIGIN/../../../pgserver.libs) copied to `copy`
+    with the same layout, readable by everyone; in place whole or not at all."""
+    site = os.path.dirname(os.path.dirname(install))
+    staging = tempfile.mkdtemp(prefix=".pginstall-", dir=os.path.dirname(copy))
+    shutil.copytree(install, os.path.join(staging, "pgserver", "pginstall"), symlinks=True)
+    libs = os.path.join(site, "pgserver.libs")
+    if os.path.isdir(libs):
+        shutil.copytree(libs, os.path.join(staging, "pgserver.libs"), symlinks=True)
+    for folder in (staging, os.path.join(staging, "pgserver")):
+        os.chmod(folder, 0o755)
+    shutil.rmtree(copy, ignore_errors=True)
+    os.rename(staging, copy)
+
+
+def _can_run(user: str, program: str) -> bool:
+    return subprocess.run(["test", "-x", program], user=user, capture_output=True).returncode == 0
 
 
 def start(data_dir: str, port: int | None = None, host: str = "127.0.0.1") -> str:
@@ -86,7 +133,7 @@ def start(data_dir: str, port: int | None = None, host: str = "127.0.0.1") -> st
         return uri_of(data_dir)
     port = port or _recorded_port(data_dir, host) or _free_port(host)
     _write_settings(data_dir, host, port)
-    runner.run([pg_bin("pg_ctl"), "-D", _pgdata(data_dir), "-l", _log(data_dir), "-w", "-t", str(START_SECONDS),
+    runner.run([runner.program("pg_ctl"), "-D", _pgdata(data_dir), "-l", _log(data_dir), "-w", "-t", str(START_SECONDS),
                 "start"], "start the database server")
     return uri_of(data_dir)
 
@@ -100,8 +147,8 @@ def stop(data_dir: str) -> bool:
     runner = _Runner(data_dir)
     if not _running(runner, data_dir):
         return False
-    runner.run([pg_bin("pg_ctl"), "-D", _pgdata(data_dir), "-m", "fast", "-w", "-t", str(START_SECONDS), "stop"],
-               "stop the database server")
+    runner.run([runner.program("pg_ctl"), "-D", _pgdata(data_dir), "-m", "fast", "-w", "-t", str(START_SECONDS),
+                "stop"], "stop the database server")
     return True
 
 
@@ -139,8 +186,13 @@ class _Runner:
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
         self.user = _service_user() if os.geteuid() == 0 else None
+        self.install = pg_install()
         if self.user is not None:
             self._hand_over(data_dir)
+            self.install = _install_reachable_by(self.user)
+
+    def program(self, name: str) -> str:
+        return pg_bin(name, self.install)
 
     def _hand_over(self, data_dir: str) -> None:
         """Let the service user own the folder (it writes the cluster, log and socket there)."""
@@ -171,8 +223,6 @@ class _Runner:
 
 @contextlib.contextmanager
 def _scratch_output():
-    import tempfile
-
     with tempfile.TemporaryFile() as handle:
         yield handle
 
@@ -214,7 +264,7 @@ def _initdb(runner: _Runner, data_dir: str) -> None:
         os.chown(pwfile, entry.pw_uid, entry.pw_gid)
     shutil.rmtree(_pgdata(data_dir), ignore_errors=True)  # a half-made cluster from an interrupted initdb
     try:
-        runner.run([pg_bin("initdb"), "-D", _pgdata(data_dir), "-U", USER, "--auth=scram-sha-256",
+        runner.run([runner.program("initdb"), "-D", _pgdata(data_dir), "-U", USER, "--auth=scram-sha-256",
                     f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale", "--no-instructions"],
                    "initialise the database cluster")
     finally:
@@ -234,7 +284,7 @@ def _write_private(path: str, text: str) -> None:
 
 def _running(runner: _Runner, data_dir: str) -> bool:
     """pg_ctl status: 0 running, 3 not running (a stale postmaster.pid counts as not)."""
-    return runner.run([pg_bin("pg_ctl"), "-D", _pgdata(data_dir), "status"], "").returncode == 0
+    return runner.run([runner.program("pg_ctl"), "-D", _pgdata(data_dir), "status"], "").returncode == 0
 
 
 def _write_settings(data_dir: str, host: str, port: int) -> None:
