@@ -225,3 +225,17 @@ def test_one_row_then_no_rows(database, icons):
     assert (emptied.removed, emptied.rows) == (1, 0) and database.collection(collection_name("tiny.csv")) is None
     notes = []
     assert database.backend().candidates_for("tiny.csv", part(icons, []), notes.append) is None and notes
+
+
+def test_file_names_that_are_not_utf8_or_hold_backslashes_sync_and_come_back(database, icons):
+    """A text column refuses surrogates (a non-UTF-8 file name as Python holds
+    it): such names, and names whose escapes could collide, keep their rows."""
+    store = part(icons, range(40))
+    odd = ["caf\udce9.png", "caf\\xe9.png", "back\\slash.png", "new\nline.png"]
+    store.paths[:4] = odd
+    assert database.sync("odd_names.csv", store).added == 40
+    assert database.sync("odd_names.csv", store).unchanged == 40  # found again by the same names
+    candidates = database.backend().candidates_for("odd_names.csv", store, note=pytest.fail)
+    for row, name in enumerate(odd):
+        proposed = [store.paths[i] for i in candidates.search(store.features[row], 5)]
+        assert proposed[0] == name

@@ -66,6 +66,15 @@ def collection_name(features_path: str) -> str:
     return os.path.realpath(os.fspath(features_path))
 
 
+def stored_path(path: str) -> str:
+    """`path` as the text PostgreSQL keeps: the bytes of a file name that is
+    not UTF-8 (held by Python as surrogates, which no text column accepts) as
+    \\xNN, and backslashes doubled, so that no two paths get the same text."""
+    if "\\" not in path and path.isprintable():  # the usual case, unchanged
+        return path
+    return path.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def items_table(name: str) -> str:
     """A safe, stable table name for collection `name` (any characters)."""
     return "search_items_" + hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
@@ -213,7 +222,7 @@ class VectorDatabase:
         for start, digests in _block_digests(store):
             for offset, digest in enumerate(digests):
                 row = start + offset
-                path = store.paths[row]
+                path = stored_path(store.paths[row])
                 if path in seen:  # a path twice: its first row counts
                     continue
                 seen.add(path)
@@ -282,7 +291,7 @@ class VectorDatabase:
                 # sorted ids: a memory map reads only these rows
                 features = np.asarray(store.features[block], dtype=np.float32)
                 for row, digest, vector in zip(block, row_digests(features), projection(features)):
-                    copy.write_row((store.paths[row], digest, vector))
+                    copy.write_row((stored_path(store.paths[row]), digest, vector))
 
     def _digests(self, table: str) -> dict[str, bytes]:
         """path -> digest of every stored row (a server-side cursor: no million-row result at once)."""
@@ -343,7 +352,8 @@ class DatabaseCandidates:
     def __init__(self, database: VectorDatabase, collection: Collection, paths: list[str]):
         self.database = database
         self.collection = collection
-        self.row_of = {path: row for row, path in reversed(list(enumerate(paths)))}  # first row of a repeated path
+        # the first row of a repeated path, as sync keeps it
+        self.row_of = {stored_path(path): row for row, path in reversed(list(enumerate(paths)))}
         self._ef_search = None
 
     def describe(self) -> str:
