@@ -13,13 +13,11 @@ import dataclasses
 import os
 import sys
 
-from search_utils import ann, cli
+from search_utils import ann, cli, ray_indexing, vector_db
 from search_utils.engine import IndexEvents, ModelChoice, UpdateReport, check_output, list_dataset, update_index
 from search_utils.locking import exclusive_output
 from search_utils.models import DEFAULT_MODEL, MODELS, PRECISIONS, RUNTIMES, bf16_supported, get_model_spec, load_extractor
 from search_utils.store import load_features
-
-LOCAL_CLUSTER = "local"  # --ray without an address: RayEmbedder starts one
 
 
 def parse_args(argv):
@@ -51,7 +49,7 @@ def parse_args(argv):
                         help="also index hidden files and folders (names starting with a dot, e.g. .thumbnails/, "
                              "which usually hold copies of the real pictures)")
     scale = parser.add_argument_group("large collections and clusters (pip install -r requirements-scale.txt)")
-    scale.add_argument("--ray", nargs="?", const=LOCAL_CLUSTER, metavar="ADDRESS",
+    scale.add_argument("--ray", nargs="?", const=ray_indexing.LOCAL, metavar="ADDRESS",
                        help="embed on a Ray cluster: `auto` or host:port of a running one; without ADDRESS, "
                             "a local one is started for the run. Workers read the same paths (a shared file system)")
     scale.add_argument("--ray-actors", type=positive_int, metavar="N",
@@ -84,7 +82,7 @@ def choose_precision(spec, requested: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    database = open_database(args.db) if args.db else None  # one line and exit 2 if down, before any work
+    database = vector_db.open_database(args.db) if args.db else None  # one line and exit 2 if down, before any work
     spec = get_model_spec(args.model)
     if args.resize:
         spec = dataclasses.replace(spec, resize=args.resize)
@@ -109,32 +107,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def open_database(uri: str):
-    from search_utils import vector_db  # optional extra: imported only when asked for
-
-    return vector_db.open_database(uri)
-
-
 def extractor_factory(args, choice: ModelChoice, note):
     """What embeds: this process's model, or an actor pool on a Ray cluster
     (built only if something needs embedding)."""
     if args.ray is None:
         return lambda: load_extractor(choice.spec, args.weights, choice.precision, choice.runtime)
-    from search_utils import ray_indexing  # optional extra: imported only when asked for
-
     return lambda: ray_indexing.RayEmbedder(args.ray, choice, actors=args.ray_actors, note=note)
 
 
 def sync_database(database, output: str, rebuild: bool) -> None:
     """Send the database what changed in the features file just published
     (a failure here leaves the file published: the next run sends the rest)."""
-    from search_utils.vector_db import DatabaseError
-
     try:
         report = database.sync(output, load_features(output, mmap=True), rebuild=rebuild,
                                note=lambda text: print(f"note: {text}", file=sys.stderr))
-    except DatabaseError as error:
-        raise DatabaseError(f"{output} is written, but the database was not updated: {error}; "
+    except vector_db.DatabaseError as error:
+        raise vector_db.DatabaseError(f"{output} is written, but the database was not updated: {error}; "
                             f"run the same command again to send the difference") from None
     finally:
         database.close()

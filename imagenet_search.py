@@ -11,12 +11,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-from search_utils import cli, plot
+from search_utils import cli, plot, vector_db
 from search_utils.engine import query_features
 from search_utils.errors import PictureError, printable_path
 from search_utils.models import MODELS, load_extractor
 from search_utils.modes import DEFAULT_MODE, MODES
-from search_utils.searcher import EMBEDDED, Searcher
+from search_utils.searcher import Searcher
 
 DEFAULT_PICTURE = "search_results.png"
 
@@ -105,8 +105,8 @@ def checked_picture_file(name: str, query: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     picture = plan_picture(args)
-    backend = database_backend(args)
-    searcher = Searcher(args.featuresPath, args.model, backend=backend or EMBEDDED)
+    note_what_the_database_serves(args)
+    searcher = Searcher(args.featuresPath, args.model, backend=vector_db.search_backend(args.db))
     model = searcher.model
     weights = args.weights or model.weights
     query, reused = query_features(searcher.store, args.query, model.spec,
@@ -127,17 +127,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def database_backend(args):
-    """The database's candidates for --db (one line and exit 2 if it is down)."""
-    if not args.db:
-        return None
-    from search_utils import vector_db  # optional extra: imported only when asked for
-
-    if args.metric != "chi2" or args.exact:
+def note_what_the_database_serves(args) -> None:
+    if args.db and (args.metric != "chi2" or args.exact):
         why = "--exact" if args.exact else f"--metric {args.metric}"
         print(f"note: {why} scans every row of the features file; the database serves chi2 candidates",
               file=sys.stderr)
-    return vector_db.open_database(args.db).backend()
 
 
 def note_fewer_results(args, rows: int, hits: list) -> None:

@@ -20,7 +20,7 @@ import sys
 # (measured: a stored query 12 ms instead of 1.5 ms). Set before they load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from search_utils import cli
+from search_utils import cli, vector_db
 from search_utils.errors import SearchUtilsError
 from search_utils.models import MODELS
 
@@ -85,7 +85,7 @@ def serve(args, listener: socket.socket) -> None:
 
     config = ServiceConfig(args.featuresPath, model=args.model, weights=args.weights,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), wait_seconds=args.wait_seconds,
-                           cors_origins=args.cors_origin, backend=database_backend(args.db))
+                           cors_origins=args.cors_origin, backend=vector_db.search_backend(args.db))
     app = create_app(config)
     count = len(app.state.index.current())
     host, port = listener.getsockname()[:2]
@@ -99,17 +99,6 @@ def serve(args, listener: socket.socket) -> None:
                                            timeout_graceful_shutdown=5))
     logging.getLogger("uvicorn.error").addFilter(no_cancelled_traces)
     server.run(sockets=[listener])
-
-
-def database_backend(uri: str | None):
-    """The embedded search, or a vector database's candidates (--db)."""
-    from search_utils.searcher import EMBEDDED
-
-    if not uri:
-        return EMBEDDED
-    from search_utils import vector_db  # optional extra: imported only when asked for
-
-    return vector_db.open_database(uri).backend()
 
 
 def no_cancelled_traces(record: logging.LogRecord) -> bool:

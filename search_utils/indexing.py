@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ImageReadError
 from .images import load_images
-from .models import FeatureExtractor, Features
+from .models import FeatureExtractor, Features, ModelSpec
 
 
 @dataclass
@@ -87,19 +87,28 @@ def embed_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    spec = extractor.spec
-
-    def load(batch_paths: Sequence[str]):
-        return load_images(batch_paths, size=spec.input_size, interpolation=spec.resize)
-
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = pool.submit(load, batches[0]) if batches else None
+        pending = pool.submit(decode_batch, batches[0], extractor.spec) if batches else None
         for index in range(len(batches)):
-            good, arrays, errors = pending.result()
+            decoded = pending.result()
             if index + 1 < len(batches):
-                pending = pool.submit(load, batches[index + 1])
-            features = (
-                extractor.embed(np.stack(arrays)) if arrays else np.zeros((0, spec.feature_dim), np.float32)
-            )
-            yield EmbeddingResult(good, features, errors)
+                pending = pool.submit(decode_batch, batches[index + 1], extractor.spec)
+            yield embed_decoded(decoded, extractor)
+
+
+def embed_batch(paths: Sequence[str], extractor: FeatureExtractor) -> EmbeddingResult:
+    """One batch, decoded then embedded (a Ray actor's call: no overlap to gain)."""
+    return embed_decoded(decode_batch(paths, extractor.spec), extractor)
+
+
+def decode_batch(paths: Sequence[str], spec: ModelSpec):
+    """(readable paths, their arrays at the model's input size, errors)."""
+    return load_images(paths, size=spec.input_size, interpolation=spec.resize)
+
+
+def embed_decoded(decoded, extractor: FeatureExtractor) -> EmbeddingResult:
+    good, arrays, errors = decoded
+    dim = extractor.spec.feature_dim
+    features = extractor.embed(np.stack(arrays)) if arrays else np.zeros((0, dim), np.float32)
+    return EmbeddingResult(good, features, errors)

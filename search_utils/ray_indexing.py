@@ -11,9 +11,10 @@ resumes exactly like the single-machine one. Only the embedding moves out:
   and a lost worker costs only its batches in flight;
 * `map_batches` runs them through a fixed pool of actors
   (`ActorPoolStrategy`), each of which builds the model once
-  (`models.load_extractor`, as the single-machine run does) and decodes its
-  batch itself (`images.load_images`, same size and filter): the workers read
-  the same paths, so a shared file system is assumed, and pixels never cross
+  (`models.load_extractor`, as the single-machine run does) and decodes
+  and embeds its batch itself (`indexing.embed_batch`, the single-machine
+  code): the workers read the same paths, so a shared file system is
+  assumed, and pixels never cross
   the network, only paths in and features out. Paths travel absolute and as
   bytes (a file name need not be UTF-8) with their position in the plan, so
   the driver gives each result back under the path it planned;
@@ -142,21 +143,19 @@ class BatchEmbedder:
             self.failure = f"{type(error).__name__}:{error}"
 
     def __call__(self, rows: dict) -> dict:
-        from search_utils.images import load_images
+        from search_utils.indexing import embed_batch
 
         if self.failure is not None:
             return {"index": np.array([-1]), "features": np.zeros((1, self.spec.feature_dim), np.float32),
                     "reason": np.array([self.failure.encode("utf-8", "surrogateescape")], dtype=object)}
         indices = np.concatenate(list(rows["index"])).astype(np.int64)
         paths = [os.fsdecode(bytes(p)) for batch in rows["path"] for p in batch]
-        good, arrays, errors = load_images(paths, size=self.spec.input_size, interpolation=self.spec.resize)
-        dim = self.spec.feature_dim
-        embedded = self.extractor.embed(np.stack(arrays)) if arrays else np.zeros((0, dim), np.float32)
-        features = np.zeros((len(paths), dim), np.float32)  # a skipped file's row stays zero, unused
+        batch = embed_batch(paths, self.extractor)  # as the single-machine run embeds a batch
+        features = np.zeros((len(paths), self.spec.feature_dim), np.float32)  # a skipped file's row stays zero
         position = {path: i for i, path in enumerate(paths)}
-        features[[position[p] for p in good]] = embedded
+        features[[position[p] for p in batch.paths]] = batch.features
         reasons = [b""] * len(paths)  # empty: embedded
-        for error in errors:
+        for error in batch.skipped:
             reasons[position[error.path]] = error.reason.encode("utf-8", "surrogateescape")
         return {"index": indices, "features": features, "reason": np.array(reasons, dtype=object)}
 
@@ -256,8 +255,8 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-__all__ = ["ClusterError", "RayEmbedder", "BatchEmbedder"]
-
-
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+__all__ = ["ClusterError", "RayEmbedder", "BatchEmbedder"]

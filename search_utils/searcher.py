@@ -110,9 +110,10 @@ class Searcher:
         chi2 takes candidates from the backend when it has them (the
         embedded one: a fresh ANN index beside the features, for large
         collections; a vector database) unless `exact`, and re-ranks them
-        with exact chi2; every other case scans every row. Values no distance can use are refused in one line
-        naming the row (search.ValueCheck): the ANN path checks the query and
-        the candidates it reads, the scan every row once per mode.
+        with exact chi2; every other case scans every row. Values no
+        distance can use are refused in one line naming the row
+        (search.ValueCheck): the candidate path checks the query and the
+        rows it reads, the scan every row once per mode.
 
         Raises:
             FeatureValuesError: a value the mode can't use.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -37,6 +38,13 @@ class DatabaseServer:
             with open(os.path.join(self.data_dir, "pgdata", "postmaster.pid")) as handle:
                 return int(handle.readline())
         return None
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (free once the probe closes)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def process_alive(pid: int | None) -> bool:
@@ -74,4 +82,4 @@ def db_server_fixture():
         yield server
 
 
-__all__ = ["DatabaseServer", "db_server_fixture", "process_alive", "running_database"]
+__all__ = ["DatabaseServer", "closed_port", "db_server_fixture", "process_alive", "running_database"]

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from conftest import run_command
-from db_server import db_server_fixture  # noqa: F401  (the fixture `db_server`)
+from db_server import closed_port, db_server_fixture  # noqa: F401  (the fixture `db_server`)
 from served import index_icons
 
 QUERY = "icons/firefox.png"
@@ -42,10 +41,9 @@ def search(folder: Path, query: str, *extra: str) -> list[dict]:
     return json.loads(result.stdout)["results"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of `folder`: its bytes and modification time."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.iterdir() if path.is_file()}
 
 
 def test_search_with_db_gives_the_exact_results(indexed, db_server):
@@ -94,15 +92,14 @@ def test_a_rerun_sends_only_the_difference_and_removed_images_never_come_back(tm
 
 def test_a_database_that_is_down_is_one_line_and_changes_nothing(indexed, tmp_path):
     folder, features, _ = indexed
-    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.iterdir() if path.is_file()}
-    down = f"postgresql://search:s3cret-word@127.0.0.1:{free_port()}/search"
+    before = snapshot(folder)
+    down = f"postgresql://search:s3cret-word@127.0.0.1:{closed_port()}/search"
     result = index(folder, down)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "s3cret-word" not in result.stderr and "127.0.0.1" in lines[0]
-    after = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.iterdir() if path.is_file()}
-    assert after == before
+    assert snapshot(folder) == before
 
     searched = run_command("imagenet_search.py", "--query", QUERY, "--featuresPath", str(features), "--no-plot",
                            "--db", down, cwd=folder)

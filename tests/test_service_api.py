@@ -554,8 +554,7 @@ def test_refusals_by_the_middlewares_carry_cors_for_the_allowed_origin(collectio
         big = client.post("/api/search", files={"image": ("big.png", big_png(200_000), "image/png")}, headers=origin)
         assert_error(big, 413, "too large")
         try:
-            first = post_in_thread(client, app, collection.file(ICONS[1].name).read_bytes(), answers)
-            wait_until(lambda: fakes and fakes[0].entered.is_set(), "the first upload reaches the model")
+            first = upload_holding_the_model(client, app, collection.file(ICONS[1].name).read_bytes(), answers, fakes)
             busy = client.get("/api/stats", headers=origin)
         finally:
             release.set()
@@ -624,6 +623,13 @@ def post_in_thread(client, app, content: bytes, answers: list):
     return thread
 
 
+def upload_holding_the_model(client, app, content: bytes, answers: list, fakes: list):
+    """An upload in a thread, once the (blocking) model holds it."""
+    thread = post_in_thread(client, app, content, answers)
+    wait_until(lambda: fakes and fakes[0].entered.is_set(), "the first upload reaches the model")
+    return thread
+
+
 def wait_until(condition, what: str) -> None:
     deadline = time.monotonic() + PATIENCE
     while not condition():
@@ -637,8 +643,7 @@ def test_too_many_uploads_waiting_is_503(collection):
     answers: list = []
     with TestClient(app) as client:
         try:
-            first = post_in_thread(client, app, content, answers)
-            wait_until(lambda: fakes and fakes[0].entered.is_set(), "the first upload reaches the model")
+            first = upload_holding_the_model(client, app, content, answers, fakes)
             second = post_in_thread(client, app, content, answers)
             wait_until(lambda: app.state.model._waiting == 1, "the second upload waits for the model")
             assert os.listdir(app.state.uploads) == []  # waiting uploads hold no file
@@ -656,8 +661,7 @@ def test_too_many_requests_in_progress_is_503(collection):
     answers: list = []
     with TestClient(app) as client:
         try:
-            first = post_in_thread(client, app, collection.file(ICONS[1].name).read_bytes(), answers)
-            wait_until(lambda: fakes and fakes[0].entered.is_set(), "the first upload reaches the model")
+            first = upload_holding_the_model(client, app, collection.file(ICONS[1].name).read_bytes(), answers, fakes)
             assert_error(client.get("/api/stats"), 503, "busy")
         finally:
             release.set()
@@ -672,8 +676,7 @@ def test_waiting_too_long_for_the_model_is_503(collection):
     answers: list = []
     with TestClient(app) as client:
         try:
-            first = post_in_thread(client, app, content, answers)
-            wait_until(lambda: fakes and fakes[0].entered.is_set(), "the first upload reaches the model")
+            first = upload_holding_the_model(client, app, content, answers, fakes)
             assert_error(upload(client, app, content), 503, "waited")
         finally:
             release.set()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from db_server import db_server_fixture, process_alive, running_database  # noqa: F401  (the fixture `db_server`)
+from db_server import closed_port, db_server_fixture, process_alive, running_database  # noqa: F401  (the fixture `db_server`)
 from search_utils import ann, search
 from search_utils.store import FeatureStore, load_features
 from search_utils.vector_db import DatabaseError, local_server, open_database, redacted
@@ -172,11 +172,7 @@ def test_redacted(uri, shown):
 
 
 def test_nothing_listening_is_one_line(tmp_path):
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # free once closed: nothing listens there
+    port = closed_port()
     started = time.monotonic()
     with pytest.raises(DatabaseError) as down:
         open_database(f"postgresql://search:Pw-123@127.0.0.1:{port}/postgres")

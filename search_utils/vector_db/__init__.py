@@ -43,6 +43,18 @@ def redacted(uri: str) -> str:
     return _PARAM_PASSWORD.sub(r"\1***", shown)
 
 
+def search_backend(uri: str | None):
+    """Where chi2 candidates come from: the embedded index (no `uri`), or
+    the database at `uri` (--db of the search command and the service).
+
+    Raises:
+        DatabaseError: as open_database.
+    """
+    from ..searcher import EMBEDDED
+
+    return open_database(uri).backend() if uri else EMBEDDED
+
+
 def open_database(uri: str) -> "VectorDatabase":
     """Connect to the PostgreSQL server at `uri` (postgresql://...), creating
     the vector extension and this package's tables if missing.
