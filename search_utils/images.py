@@ -39,6 +39,12 @@ JPEG_BOMB_REASON = ("too many pixels (over Pillow's decompression-bomb limit) fo
                     "reduced (progressive, or one scan per colour); skipped without decoding")
 REDUCED_BOMB_REASON = ("too many pixels (over Pillow's decompression-bomb limit even decoded reduced); "
                        "skipped without decoding")
+# A Huffman-coded JPEG spends at least 2 bits on each 8x8 block (its DC
+# difference and end-of-block codes): 256 pixels per byte at most, reached
+# by a flat grey picture. A header claiming far more than its file can hold
+# is damaged or forged (631 bytes claiming 65500x65500 would still decode
+# to 260 MB at 1/8 scale), and libjpeg would invent the missing pixels.
+MAX_JPEG_PIXELS_PER_BYTE = 1024
 
 # Same names and filters as keras.utils.load_img(interpolation=...).
 RESAMPLING = {
@@ -286,17 +292,22 @@ def _open_image(path: str, size: tuple[int, int]) -> Image.Image:
     its header, as before.
     """
     try:
-        return Image.open(path)
+        img = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         with open(path, "rb") as handle:
             if handle.read(3) != b"\xff\xd8\xff":  # not a JPEG
                 raise
             handle.seek(0)
             decodes_reduced = _jpeg_decodes_reduced_in_rows(handle)
+    else:
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            _refuse_impossible_jpeg(img, path)
+        return img
     if not decodes_reduced:
         raise ImageReadError(path, JPEG_BOMB_REASON)
     img = JpegImagePlugin.JpegImageFile(path)  # what Image.open would give, minus its full-size refusal
     try:
+        _refuse_impossible_jpeg(img, path)
         _draft_jpeg(img, size)
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and img.width * img.height > limit:
@@ -305,6 +316,16 @@ def _open_image(path: str, size: tuple[int, int]) -> Image.Image:
         img.close()
         raise
     return img
+
+
+def _refuse_impossible_jpeg(img: JpegImagePlugin.JpegImageFile, path: str) -> None:
+    """Refuse (closing it) a JPEG whose header claims more pixels than its
+    file could hold (MAX_JPEG_PIXELS_PER_BYTE)."""
+    size = os.fstat(img.fp.fileno()).st_size
+    if img.width * img.height > size * MAX_JPEG_PIXELS_PER_BYTE:
+        img.close()
+        raise ImageReadError(path, f"damaged JPEG: its header claims {img.width}x{img.height} pixels, "
+                                   f"far more than its {size} bytes can hold; skipped without decoding")
 
 
 # Start-of-frame markers of sequential DCT JPEGs with Huffman coding

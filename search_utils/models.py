@@ -185,7 +185,8 @@ class FeatureExtractor:
         height, width = spec.input_size
         signature = [tf.TensorSpec((None, height, width, 3), tf.float32)]
         self._call = tf.function(
-            lambda x: model(x, training=False), input_signature=signature
+            lambda x: model(x, training=False), input_signature=signature,
+            autograph=False,  # nothing to convert; autograph would leave its source in /tmp
         )
 
     def embed(self, batch: Batch) -> Features:

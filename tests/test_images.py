@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import draw_picture, transparent_icon
 from search_utils.errors import DatasetError, ImageReadError
-from search_utils.images import find_images, load_image
+from search_utils.images import MAX_JPEG_PIXELS_PER_BYTE, find_images, load_image
 from search_utils.models import get_model_spec
 
 
@@ -283,6 +283,38 @@ def test_a_progressive_jpeg_over_the_limit_is_refused_without_decoding(tmp_path,
     assert decoded == []
     assert load_image(str(tmp_path / "baseline.jpg"), size=(16, 16)).shape == (16, 16, 3)
     assert set(decoded) == {(375, 282)}
+
+
+def _with_frame_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """`jpeg` with its start-of-frame header claiming width x height."""
+    at = jpeg.index(b"\xff\xc0") + 5  # marker, length (2), precision (1): then height, width
+    return jpeg[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[at + 4:]
+
+
+@pytest.mark.parametrize("width, height", [(65500, 65500), (4000, 3000)], ids=["over-the-limit", "under-it"])
+def test_a_jpeg_claiming_more_pixels_than_its_bytes_hold_is_refused(tmp_path, monkeypatch, width, height):
+    """A 700-byte JPEG whose header was edited to claim 65500x65500 would
+    decode at 1/8 scale to 8187x8187 (260 MB, under the bomb limit) of
+    invented pixels: refused unread, as is a smaller forged header."""
+    small = tmp_path / "small.jpg"
+    draw_picture(24, size=(64, 64)).save(small, quality=50)
+    forged = tmp_path / "forged.jpg"
+    forged.write_bytes(_with_frame_size(small.read_bytes(), width, height))
+    decoded = _recording_loads(monkeypatch)
+    with pytest.raises(ImageReadError, match=f"damaged JPEG: its header claims {width}x{height} pixels, far more "
+                                             f"than its {forged.stat().st_size} bytes can hold"):
+        load_image(str(forged))
+    assert decoded == []
+    assert load_image(str(small)).shape == (224, 224, 3)  # the file it was made from is fine
+
+
+def test_a_flat_jpeg_holds_fewer_pixels_per_byte_than_the_plausibility_limit(tmp_path):
+    """The densest real JPEG (one grey, Huffman tables optimised) is far
+    under MAX_JPEG_PIXELS_PER_BYTE, so no real photo is refused by it."""
+    path = tmp_path / "flat.jpg"
+    Image.new("L", (4000, 3000), 128).save(path, quality=10, optimize=True)
+    assert 4000 * 3000 / path.stat().st_size < MAX_JPEG_PIXELS_PER_BYTE / 3
+    assert load_image(str(path), size=(16, 16)).shape == (16, 16, 3)
 
 
 def test_a_png_over_the_limit_is_still_refused(tmp_path, monkeypatch):

@@ -119,7 +119,8 @@ def _folder_in_the_way(work: Path, name: str) -> None:
 
 
 UNWRITABLE = {
-    "missing folder": ("missing/f.csv", lambda w: None, ["features file missing/f.csv", "folder missing does not exist"]),
+    "missing folder": ("missing/f.csv", lambda w: None,
+                       ["features file missing/f.csv", "folder missing does not exist"]),
     "a file where the folder should be": ("afile/sub/f.csv", lambda w: (w / "afile").write_text("a file\n"),
                                           ["features file afile/sub/f.csv", "afile is a file, not a folder"]),
     "a folder named like the output": ("f.csv", lambda w: _folder_in_the_way(w, "f.csv"),
@@ -270,9 +271,12 @@ def test_an_interrupt_while_the_model_loads_is_one_line(work, signum):
 
 
 def rebuild_run(work: Path, *options, hold: str, gate_before=()) -> GatedRun:
+    """The run's temporary files go to work/tmp."""
+    (work / "tmp").mkdir(exist_ok=True)
+    env = offline_env(work) | {"TMPDIR": str(work / "tmp")}
     return GatedRun(work / "gate", ["--dataset", "images", "--output", "f.csv", *LITE, "--rebuild",
                                     "--batch-size", "4", "-q", *options],
-                    cwd=work, env=offline_env(work), hold=[hold], gate_before=gate_before)
+                    cwd=work, env=env, hold=[hold], gate_before=gate_before)
 
 
 def test_a_rebuild_killed_while_its_model_loads_is_finished_by_the_next_run(work, capsys, builds):
@@ -296,6 +300,9 @@ def test_a_rebuild_killed_while_its_model_loads_is_finished_by_the_next_run(work
 
 
 def test_a_rebuild_killed_part_way_resumes_on_the_next_run(work, capsys, builds):
+    """Also: the killed run leaves nothing in its temporary folder (autograph
+    would leave the source it generated for the model call, removed only at
+    a normal exit)."""
     pictures(work / "images", range(12))
     index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
     features_file = features_files(work)
@@ -305,6 +312,7 @@ def test_a_rebuild_killed_part_way_resumes_on_the_next_run(work, capsys, builds)
         assert run.wait() == -signal.SIGKILL
     assert catalog.count_checkpointed("f.csv") == 4
     assert features_files(work) == features_file
+    assert not list((work / "tmp").iterdir())
 
     stderr = index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
     assert "resuming an unfinished --rebuild: 4 images were embedded already" in stderr
