@@ -13,11 +13,16 @@ import dataclasses
 import os
 import sys
 
-from search_utils import ann, cli, ray_indexing, vector_db
-from search_utils.engine import IndexEvents, ModelChoice, UpdateReport, check_output, list_dataset, update_index
-from search_utils.locking import exclusive_output
-from search_utils.models import DEFAULT_MODEL, MODELS, PRECISIONS, RUNTIMES, bf16_supported, get_model_spec, load_extractor
-from search_utils.store import load_features
+from search_utils import cli
+
+with cli.interrupts_while_starting():
+    from search_utils import ann, ray_indexing, vector_db
+    from search_utils.engine import (IndexEvents, ModelChoice, UpdateReport, check_output, list_dataset,
+                                     update_index)
+    from search_utils.locking import exclusive_output
+    from search_utils.models import (DEFAULT_MODEL, MODELS, PRECISIONS, RUNTIMES, bf16_supported, get_model_spec,
+                                     load_extractor)
+    from search_utils.store import load_features
 
 
 def parse_args(argv):
@@ -27,7 +32,8 @@ def parse_args(argv):
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
                         help=f"backbone (default: {DEFAULT_MODEL}, the post's)")
     parser.add_argument("--weights", metavar="PATH",
-                        help="local weights file, for machines without internet (default: the model's own: Keras downloads ImageNet weights; efficientnet_lite0's come with pip)")
+                        help="local weights file, for machines without internet (default: the model's own: "
+                             "Keras downloads ImageNet weights; efficientnet_lite0's come with pip)")
     parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="float32 (default: features identical to the post's) or bf16 "
                              "(faster on CPUs with bfloat16 instructions; features within about 1%%)")
@@ -49,12 +55,13 @@ def parse_args(argv):
                         help="also index hidden files and folders (names starting with a dot, e.g. .thumbnails/, "
                              "which usually hold copies of the real pictures)")
     scale = parser.add_argument_group("large collections and clusters (pip install -r requirements-scale.txt)")
-    scale.add_argument("--ray", nargs="?", const=ray_indexing.LOCAL, metavar="ADDRESS",
-                       help="embed on a Ray cluster: `auto` or host:port of a running one; without ADDRESS, "
-                            "a local one is started for the run. Workers read the same paths (a shared file system)")
+    scale.add_argument("--ray", nargs="?", const=ray_indexing.LOCAL, metavar="ADDRESS", type=ray_indexing.ray_address,
+                       help="embed on a Ray cluster: host:port of a running one's head, or `auto` (RAY_ADDRESS, "
+                            "else the cluster started on this machine); without ADDRESS, a local one is started "
+                            "for the run. Workers read the same paths (a shared file system)")
     scale.add_argument("--ray-actors", type=positive_int, metavar="N",
                        help="model copies on the cluster (default: one per 2 CPUs it has)")
-    scale.add_argument("--db", metavar="URI",
+    scale.add_argument("--db", metavar="URI", type=vector_db.database_uri,
                        help="also keep the vectors in this PostgreSQL + pgvector database (postgresql://...), "
                             "for imagenet_search.py --db; only the difference is sent")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -82,7 +89,8 @@ def choose_precision(spec, requested: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    database = vector_db.open_database(args.db) if args.db else None  # one line and exit 2 if down, before any work
+    # one line and exit 2 if down, or if the tables can't be made, before any work
+    database = vector_db.open_database(args.db, writing=True) if args.db else None
     spec = get_model_spec(args.model)
     if args.resize:
         spec = dataclasses.replace(spec, resize=args.resize)
@@ -131,23 +139,28 @@ def sync_database(database, output: str, rebuild: bool) -> None:
 
 def keep_ann_index(output: str, rows: int, threshold: int) -> None:
     """Build or refresh `<output>.ann` for large collections; drop it when the
-    collection shrank below `threshold`. Small collections read nothing more."""
+    collection shrank below `threshold`. Small collections read nothing more.
+    A failed write names the index and says the features file is written."""
+    from search_utils.engine import keep_ann_index as keep
+
     if rows < threshold and not os.path.exists(ann.index_path(output)):
         return
-    ann.ensure_index(output, load_features(output, mmap=True), threshold,
-                     note=lambda text: print(f"note: {text}", file=sys.stderr))
+    keep(output, rows, threshold, note=lambda text: print(f"note: {text}", file=sys.stderr))
 
 
 def summary(report: UpdateReport) -> str:
     """The last line of a run: what changed, what was done."""
-    head = (f"indexed {report.rows} images with {report.model} into {report.output}: "
+    from search_utils.errors import printable_path
+
+    output = printable_path(report.output)
+    head = (f"indexed {report.rows} images with {report.model} into {output}: "
             f"{report.changes.counts()} ({report.skipped} skipped)")
     if report.embedded or report.failed:
         return (f"{head}; embedded {report.embedded} in {report.seconds:.1f} s, "
                 f"{report.images_per_second:.1f} images/s")
     if report.written:
         return f"{head}; nothing to embed, features file written from the indexing state"
-    return f"{head}; nothing to embed, {report.output} left as it was"
+    return f"{head}; nothing to embed, {output} left as it was"
 
 
 class Progress:

@@ -11,11 +11,14 @@ import json
 import sys
 
 from search_utils import cli
-from search_utils.errors import LabelsError
-from search_utils.evaluation import evaluate, labels_from_folders, labels_from_records, read_label_records
-from search_utils.metrics import METRIC_NAMES
-from search_utils.modes import DEFAULT_MODE, MODES, search_space
-from search_utils.store import load_features
+
+with cli.interrupts_while_starting():
+    from search_utils.errors import LabelsError, printable_path
+    from search_utils.evaluation import evaluate, labels_from_folders, labels_from_records, read_label_records
+    from search_utils.metrics import METRIC_NAMES
+    from search_utils.modes import DEFAULT_MODE, MODES, search_space
+    from search_utils.result_paths import path_base
+    from search_utils.store import load_features
 
 
 def parse_args(argv):
@@ -37,14 +40,19 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     store = load_features(args.features)
-    base_dir = store.metadata.get("base_dir")
+    # Where relative image paths start (a base_dir that is no folder's absolute path is noted, not used).
+    base = path_base(store.metadata.get("base_dir"), args.features, store.paths)
+    if base.note:
+        print(base.note, file=sys.stderr)
+    base_dir = base.folder
     if args.labels:
         records = read_label_records(args.labels)
         labels = labels_from_records(store.paths, records, args.labels, args.group, base_dir)
     else:
         labels = labels_from_folders(store.paths)
     if labels.labelled == 0:
-        raise LabelsError(f"no image of {args.features} has a label in {args.labels or 'its folder name'}")
+        source = printable_path(args.labels) if args.labels else "its folder name"
+        raise LabelsError(f"no image of {printable_path(args.features)} has a label in {source}")
     space = search_space(store, args.metric, source=args.features)  # refuses values the mode can't use
     result = evaluate(space.vectors, labels, metric=space.metric)
     if result["queries"] == 0:

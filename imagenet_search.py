@@ -11,12 +11,14 @@ import os
 import sys
 from dataclasses import dataclass
 
-from search_utils import cli, plot, vector_db
-from search_utils.engine import query_features
-from search_utils.errors import PictureError, printable_path
-from search_utils.models import MODELS, load_extractor
-from search_utils.modes import DEFAULT_MODE, MODES
-from search_utils.searcher import Searcher
+from search_utils import cli
+
+with cli.interrupts_while_starting():
+    from search_utils import plot, vector_db
+    from search_utils.errors import PictureError, SearchUtilsError, printable_path
+    from search_utils.models import MODELS, load_extractor
+    from search_utils.modes import DEFAULT_MODE, MODES
+    from search_utils.searcher import Searcher, check_query_file, features_file_at, read_query
 
 DEFAULT_PICTURE = "search_results.png"
 
@@ -38,7 +40,7 @@ def parse_args(argv):
                         help="expected model; refuse a features file made with another")
     parser.add_argument("--weights", metavar="PATH",
                         help="local weights file for embedding an outside query (default: as recorded when indexing)")
-    parser.add_argument("--db", metavar="URI",
+    parser.add_argument("--db", metavar="URI", type=vector_db.database_uri,
                         help="take chi2 candidates from this PostgreSQL + pgvector database (kept by "
                              "create_imagenet_features.py --db) and re-rank them exactly from the features file")
     parser.add_argument("--json", action="store_true",
@@ -52,17 +54,40 @@ def parse_args(argv):
                               f"display, is saved to {DEFAULT_PICTURE} in the current folder")
     picture.add_argument("--no-plot", action="store_true", help="no results picture")
     args = parser.parse_args(argv)
+    check_working_folder()
     if args.numResults < 1:
         parser.error(f"argument -n/--numResults: must be at least 1, got {args.numResults}")
-    for option, value in (("-q/--query", args.query), ("-f/--featuresPath", args.featuresPath)):
-        if not value:
+    for option, value in (("-q/--query", args.query), ("-f/--featuresPath", args.featuresPath),
+                          ("--weights", args.weights)):
+        if value is not None and not value:
             parser.error(f"argument {option}: empty")
+    if args.weights is not None and not os.path.isfile(args.weights):
+        why = "is a folder, not a weights file" if os.path.isdir(args.weights) else "file not found"
+        parser.error(f"argument --weights: {printable_path(args.weights)}: {why}")
     if args.save is not None:
         try:
             plot.check_picture_name(args.save)
+            plot.check_not_a_folder(args.save)
         except PictureError as error:
             parser.error(f"argument --save: {error}")
     return args
+
+
+class WorkingFolderError(SearchUtilsError):
+    """The current folder was deleted (or moved away) under the command."""
+
+
+def check_working_folder() -> None:
+    """Relative paths and the default picture need the current folder.
+
+    Raises:
+        WorkingFolderError: it no longer exists.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise WorkingFolderError("the current folder no longer exists (deleted or moved away): change to an "
+                                 "existing folder and run the command again") from None
 
 
 @dataclass(frozen=True)
@@ -81,25 +106,68 @@ def plan_picture(args) -> PicturePlan:
     if args.no_plot or (args.json and args.save is None):
         return PicturePlan()
     if args.save is not None:
-        return PicturePlan(file=checked_picture_file(args.save, args.query))
+        return PicturePlan(file=checked_picture_file(args.save, args))
     if plot.display_available():
         return PicturePlan(show=True)
     try:
-        return PicturePlan(file=checked_picture_file(DEFAULT_PICTURE, args.query))
+        return PicturePlan(file=checked_picture_file(DEFAULT_PICTURE, args))
     except PictureError as error:
         raise PictureError(f"{error}; there is no display to show it, so pass --save PATH to save it "
                            f"elsewhere, or --no-plot") from None
 
 
-def checked_picture_file(name: str, query: str) -> str:
+def checked_picture_file(name: str, args) -> str:
+    """The picture's file (plot.picture_file), refused if it is the query
+    or one of the features file's own files: saving would replace it."""
     file = plot.picture_file(name)
     try:
-        overwrites_query = os.path.samefile(file, query)
+        overwrites_query = os.path.samefile(file, args.query)
     except OSError:  # either is missing: not the same file
         overwrites_query = False
     if overwrites_query:  # the picture would replace the very image it shows
         raise PictureError(f"cannot save the picture to {printable_path(file)}: it is the query image")
+    features_file = features_file_at(file, args.featuresPath)
+    if features_file:
+        raise PictureError(f"cannot save the picture to {printable_path(file)}: it is {features_file}")
     return file
+
+
+def check_picture_not_indexed(args, picture: PicturePlan, searcher) -> None:
+    """Refuse, before the search, a picture file that is one of the indexed
+    images (saving would replace the user's image).
+
+    Raises:
+        PictureError: naming the image.
+    """
+    if picture.file is None:
+        return
+    image = searcher.indexed_at(picture.file)
+    if image is not None:
+        extra = ("" if args.save is not None else
+                 "; there is no display to show it, so pass --save PATH to save it elsewhere, or --no-plot")
+        raise PictureError(f"cannot save the picture to {printable_path(picture.file)}: it is an indexed image "
+                           f"of {printable_path(args.featuresPath)} ({printable_path(image)}){extra}")
+
+
+def query_vector(args, searcher) -> tuple:
+    """The query's features, and whether they are its stored ones: an
+    indexed query that is unchanged since it was indexed reuses its row
+    (no model); any other query is read, then embedded with the model the
+    features file was made with.
+
+    Raises:
+        ImageReadError: the query is missing or not a readable image.
+    """
+    check_query_file(args.query)
+    stored = searcher.stored_query(args.query)
+    if stored.row is not None:
+        return searcher.store.features[stored.row], True
+    model = searcher.model
+    image = read_query(args.query, model.spec.input_size, model.spec.resize)
+    if stored.note:  # once the image is known to be readable: a refused query is its one error line
+        print(stored.note, file=sys.stderr)
+    extractor = load_extractor(model.spec, args.weights or model.weights, model.precision)
+    return extractor.embed(image[None])[0], False
 
 
 def main(argv=None) -> int:
@@ -108,9 +176,8 @@ def main(argv=None) -> int:
     note_what_the_database_serves(args)
     searcher = Searcher(args.featuresPath, args.model, backend=vector_db.search_backend(args.db))
     model = searcher.model
-    weights = args.weights or model.weights
-    query, reused = query_features(searcher.store, args.query, model.spec,
-                                   lambda: load_extractor(model.spec, weights, model.precision))
+    check_picture_not_indexed(args, picture, searcher)
+    query, reused = query_vector(args, searcher)
     found = searcher.search(query, args.metric, args.numResults, args.exact, collapse=not args.keep_duplicates)
     # Notes once the search went through: a refused search is its one error line.
     if found.method:
@@ -119,7 +186,10 @@ def main(argv=None) -> int:
         shown = printable_path(args.featuresPath)
         why = f"the metadata of {shown} names no model" if searcher.store.metadata else f"{shown} has no metadata file"
         print(f"note: {why}; took it for the post's {model.spec.name} features", file=sys.stderr)
-    if not reused:
+    if reused:
+        print(f"reused the query's stored features: it is indexed in {printable_path(args.featuresPath)}",
+              file=sys.stderr)
+    else:
         print(f"embedded the query with {model.spec.name}", file=sys.stderr)
     print_results(args, found.hits)
     note_fewer_results(args, len(searcher), found.hits)
@@ -138,8 +208,9 @@ def note_fewer_results(args, rows: int, hits: list) -> None:
     if len(hits) >= args.numResults:
         return
     folded = "" if args.keep_duplicates else " (copies of one image count once)"
-    print(f"note: {len(hits)} results, fewer than the {args.numResults} asked for: "
-          f"{printable_path(args.featuresPath)} holds {rows} images{folded}", file=sys.stderr)
+    results, images = ("result" if len(hits) == 1 else "results"), ("image" if rows == 1 else "images")
+    print(f"note: {len(hits)} {results}, fewer than the {args.numResults} asked for: "
+          f"{printable_path(args.featuresPath)} holds {rows} {images}{folded}", file=sys.stderr)
 
 
 def print_results(args, hits) -> None:

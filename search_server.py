@@ -8,24 +8,32 @@ Then open http://127.0.0.1:8000/ (the API is described at /openapi.json).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import socket
 import sys
+import warnings
 
 # numba's and FAISS's OpenMP workers spin after each parallel search; on 2
 # cores they take the CPU from the thread answering the next request
 # (measured: a stored query 12 ms instead of 1.5 ms). Set before they load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from search_utils import cli, vector_db
-from search_utils.errors import SearchUtilsError
-from search_utils.models import MODELS
+from search_utils import cli
+
+with cli.interrupts_while_starting():
+    from search_utils import vector_db
+    from search_utils.errors import SearchUtilsError
+    from search_utils.models import MODELS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+UPLOAD_MB = (0.01, 1024.0)  # below 10 kB hardly an image fits; above 1 GB no image needs
+SECONDS = (0.1, 3600.0)  # waits and deadlines: an hour is already more than anyone waits
 
 
 class ServerError(SearchUtilsError):
@@ -46,23 +54,39 @@ def parse_args(argv):
                         help="expected model; refuse a features file made with another")
     parser.add_argument("--weights", metavar="PATH",
                         help="local weights file for embedding uploaded queries (default: as recorded when indexing)")
-    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
-                        help=f"largest upload accepted, in MB (default: {MAX_UPLOAD_BYTES / 2**20:g})")
-    parser.add_argument("--wait-seconds", type=float, default=30.0,
-                        help="longest an uploaded query waits for the model before 503 (default: 30)")
+    parser.add_argument("--max-upload-mb", type=between(*UPLOAD_MB), default=MAX_UPLOAD_BYTES / 2**20,
+                        help=f"largest upload accepted, in MB, {UPLOAD_MB[0]:g} to {UPLOAD_MB[1]:g} "
+                             f"(default: {MAX_UPLOAD_BYTES / 2**20:g})")
+    parser.add_argument("--wait-seconds", type=between(*SECONDS), default=30.0,
+                        help="longest an uploaded query waits to be decoded and embedded before 503 "
+                             f"({SECONDS[0]:g} to {SECONDS[1]:g}; default: 30)")
+    parser.add_argument("--read-timeout", type=between(*SECONDS), default=30.0, metavar="SECONDS",
+                        help="longest a client may take to send a request's headers, and then its body, "
+                             "before the connection is closed (the body: with a 408) "
+                             f"({SECONDS[0]:g} to {SECONDS[1]:g}; default: 30)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable; "
                              "default: none (CORS off)")
-    parser.add_argument("--db", metavar="URI",
+    parser.add_argument("--db", metavar="URI", type=vector_db.database_uri,
                         help="take chi2 candidates from this PostgreSQL + pgvector database (kept by "
                              "create_imagenet_features.py --db), re-ranked exactly from the features file")
     parser.add_argument("--access-log", action="store_true", help="log every request on stderr")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"argument --port: must be 0 to 65535, got {args.port}")
-    if args.max_upload_mb <= 0 or args.wait_seconds <= 0:
-        parser.error("arguments --max-upload-mb and --wait-seconds must be positive")
     return args
+
+
+def between(low: float, high: float):
+    """An argparse type: a number from `low` to `high` (never NaN or infinite)."""
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text!r}")
+        return value
+
+    return number
 
 
 def main(argv=None) -> int:
@@ -82,10 +106,12 @@ def serve(args, listener: socket.socket) -> None:
     import uvicorn
 
     from search_utils.service import ServiceConfig, create_app
+    from search_utils.service.protocol import with_header_deadline
 
     config = ServiceConfig(args.featuresPath, model=args.model, weights=args.weights,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), wait_seconds=args.wait_seconds,
-                           cors_origins=args.cors_origin, backend=vector_db.search_backend(args.db))
+                           read_timeout=args.read_timeout, cors_origins=args.cors_origin,
+                           backend=vector_db.search_backend(args.db))
     app = create_app(config)
     count = len(app.state.index.current())
     host, port = listener.getsockname()[:2]
@@ -95,19 +121,34 @@ def serve(args, listener: socket.socket) -> None:
               "search the collection and see its images", file=sys.stderr)
     print(f"serving {count:,} images from {args.featuresPath} on http://{shown}:{port}/ (Ctrl-C stops)",
           file=sys.stderr, flush=True)
+    # A graceful stop waits up to 5 s for requests in progress (an upload still arriving too).
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=args.access_log,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, http=with_header_deadline(args.read_timeout)))
+    app.state.stopping = lambda: server.should_exit  # a stop asked while the model loads: no "ready" line
     logging.getLogger("uvicorn.error").addFilter(no_cancelled_traces)
+    quiet_request_noise()
     server.run(sockets=[listener])
+
+
+def quiet_request_noise() -> None:
+    """What a client's bytes could make libraries print, kept off the log:
+    Pillow's warnings about a damaged or huge upload (the answer says what
+    is wrong with it) and python-multipart's notes about a malformed form
+    (answered 400)."""
+    warnings.filterwarnings("ignore", module=r"PIL\.")
+    logging.getLogger("python_multipart").setLevel(logging.CRITICAL)
 
 
 def no_cancelled_traces(record: logging.LogRecord) -> bool:
     """A second Ctrl-C quits at once, cancelling the app's start/stop task
     mid-wait; uvicorn would log that cancellation as a traceback (passed on
-    as text by Starlette, or as the exception)."""
+    as text by Starlette, or as the exception). A graceful stop that runs
+    out of time cancels the requests left (a client that stalls its upload)
+    with an ERROR line of its own: the stop is said by "stopped" alone."""
     if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
         return False
-    return not str(record.msg).rstrip().endswith("CancelledError")
+    message = str(record.msg).rstrip()
+    return not (message.endswith("CancelledError") or "timeout graceful shutdown exceeded" in message)
 
 
 def listen(host: str, port: int) -> socket.socket:

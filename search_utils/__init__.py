@@ -18,30 +18,37 @@ Pieces, one job each:
              imported by search_server.py, never by the library
     cli      shared command-line plumbing (one-line errors, exit codes)
 
-Importing this package is cheap: TensorFlow loads only when a model is built.
+Importing this package is cheap: its names below load their module on
+first use (PEP 562), so a command can set up its signal handling before
+numpy and pandas load, and TensorFlow loads only when a model is built.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
-    DatasetError,
-    FeaturesFileError,
-    ImageReadError,
-    ModelMismatchError,
-    SearchUtilsError,
-    UnknownModelError,
-    WeightsUnavailableError,
-)
-from .images import IMAGE_EXTENSIONS, find_images, load_image  # noqa: E402
-from .models import MODELS, FeatureExtractor, ModelSpec, get_model_spec, load_extractor  # noqa: E402
-from .search import METRICS, chi2_distance, distances, nearest, top_n  # noqa: E402
-from .store import FeatureStore, load_features, metadata_path, save_features  # noqa: E402
+_EXPORTS = {
+    "errors": ["DatasetError", "FeaturesFileError", "ImageReadError", "ModelMismatchError",
+               "SearchUtilsError", "UnknownModelError", "WeightsUnavailableError"],
+    "images": ["IMAGE_EXTENSIONS", "find_images", "load_image"],
+    "models": ["MODELS", "FeatureExtractor", "ModelSpec", "get_model_spec", "load_extractor"],
+    "search": ["METRICS", "chi2_distance", "distances", "nearest", "top_n"],
+    "store": ["FeatureStore", "load_features", "metadata_path", "save_features"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = [
-    "DatasetError", "FeaturesFileError", "ImageReadError", "ModelMismatchError",
-    "SearchUtilsError", "UnknownModelError", "WeightsUnavailableError",
-    "IMAGE_EXTENSIONS", "find_images", "load_image",
-    "MODELS", "FeatureExtractor", "ModelSpec", "get_model_spec", "load_extractor",
-    "METRICS", "chi2_distance", "distances", "nearest", "top_n",
-    "FeatureStore", "load_features", "metadata_path", "save_features",
-]
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -245,7 +245,8 @@ class AnnIndex:
             # this open file, even if `path` is replaced meanwhile
             same_file = f"/dev/fd/{handle.fileno()}" if os.path.isdir("/dev/fd") else path
             lists_index = _faiss().read_index(same_file)
-        return cls(Projection(mean, components.astype(np.float32)), lists_index, header["fingerprint"], header["params"])
+        return cls(Projection(mean, components.astype(np.float32)), lists_index, header["fingerprint"],
+                   header["params"])
 
 
 _MAGIC = b"SUANN\x00v1"
@@ -290,10 +291,32 @@ def _read_tail(path: str, handle, with_arrays: bool) -> tuple[dict, bytes]:
     if not isinstance(header, dict) or header.get("format") != FORMAT \
             or header.get("format_version") != FORMAT_VERSION:
         raise not_index
+    problem = _header_problem(header)
+    if problem:
+        raise AnnIndexError(f"damaged ANN index {path}: its header {problem}")
     arrays = handle.read(array_bytes) if with_arrays else b""
     if with_arrays and len(arrays) != 4 * header["dim"] * (1 + header["reduced"]):
         raise not_index
     return header, arrays
+
+
+def _header_problem(header: dict) -> str | None:
+    """What is wrong with an index header that names our format (a
+    hand-edited or damaged one), or None: every field the search reads has
+    the type it needs."""
+    for key in ("dim", "reduced"):
+        if not _positive_int(header.get(key)):
+            return f"has no whole number as {key!r}"
+    if not isinstance(header.get("fingerprint"), dict):
+        return "has no fingerprint of the features it was built from"
+    params = header.get("params")
+    if not isinstance(params, dict) or not _positive_int(params.get("probes")):
+        return "has no search parameters (params.probes)"
+    return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def build_index(features: np.ndarray, fingerprint: dict, reduced: int = PCA_DIM,
@@ -406,10 +429,28 @@ def fresh_index(features_path: str, features: np.ndarray,
             _tell(note, f"note: {path} was built from other features (stale); searching exactly "
                         f"(rebuild: python -m search_utils.ann {features_path})")
             return None
-        return AnnIndex.load(path)
+        index = AnnIndex.load(path)
+        _check_fits(index, path, features)
+        return index
     except AnnIndexError as error:
         _tell(note, f"note: {error}; searching exactly")
         return None
+
+
+def _check_fits(index: AnnIndex, path: str, features: np.ndarray) -> None:
+    """Refuse an index whose parts don't fit each other or the features
+    (its header edited to match a fingerprint): a search through it would
+    fail half-way or read rows that don't exist.
+
+    Raises:
+        AnnIndexError: "damaged ANN index ...".
+    """
+    rows, dim = features.shape
+    components = index.projection.components
+    lists = getattr(index.lists_index, "d", None), getattr(index.lists_index, "ntotal", None)
+    if components.shape[0] != dim or lists != (components.shape[1], rows):
+        raise AnnIndexError(f"damaged ANN index {path}: its parts don't fit each other or the {rows:,} x {dim} "
+                            f"features")
 
 
 def _is_fresh(features_path: str, features: np.ndarray, threshold: int) -> bool:

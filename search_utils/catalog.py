@@ -44,18 +44,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
+from .errors import printable_path
 from .statedb import (
-    SCHEMA_VERSION, DamagedStateError, StateAccessError, StateDatabase, StateFileError, StateWriteError,
-    count_features,
+    SCHEMA_VERSION, DamagedStateError, ForeignStateError, StateAccessError, StateDatabase, StateFileError,
+    StateWriteError, count_features,
 )
 
 STATE_SUFFIX = ".state.sqlite"
-JOURNAL_SUFFIXES = ("-wal", "-shm")  # SQLite's files beside the state while it is open
+JOURNAL_SUFFIXES = ("-wal", "-shm", "-journal")  # SQLite's files beside the state (-journal: while it is made)
+FEATURE_LIMIT = 1e18  # |value| beyond this is no model's (search.VALUE_LIMIT: distances would overflow)
 HASH_NAME = "sha256"  # the fastest hashlib digest here (SHA extensions)
 HASH_CHUNK = 1 << 20
 _SQL_VARIABLES = 500  # parameters per IN (...) query, well under SQLite's limit
@@ -92,6 +95,16 @@ def state_files(output: str) -> list[str]:
 
 def state_exists(output: str) -> bool:
     return os.path.exists(state_path(output))
+
+
+def state_is_empty(output: str) -> bool:
+    """Whether `output` has no state to speak of: none, or an empty (0-byte)
+    file, which records nothing (not even a model)."""
+    try:
+        info = os.stat(state_path(output))
+    except OSError:
+        return not os.path.lexists(state_path(output))
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
 
 
 def remove_state(output: str) -> None:
@@ -132,8 +145,8 @@ def _key(path: str) -> bytes:
     return path.encode("utf-8", _PATH_ERRORS)
 
 
-def _path(key: bytes) -> str:
-    return bytes(key).decode("utf-8", _PATH_ERRORS)
+def _path(key: bytes | str) -> str:
+    return key if isinstance(key, str) else bytes(key).decode("utf-8", _PATH_ERRORS)
 
 
 # -- the parts ---------------------------------------------------------------
@@ -217,7 +230,10 @@ class Contents:
             found += self._db.execute(f"SELECT count(*) FROM contents WHERE hash IN ({marks})", chunk).fetchone()[0]
         return found
 
-    def read(self, hashes: list[str], dim: int) -> np.ndarray:
+    def read(self, hashes: list[str], dim: int, names: list[str] | None = None) -> np.ndarray:
+        """Rows of features for `hashes`, checked as a features file's are
+        (the right length, finite, within +-FEATURE_LIMIT); `names` (one
+        per hash, e.g. image paths) say which image a damaged row is for."""
         rows: dict[str, list[int]] = {}
         for index, digest in enumerate(hashes):
             rows.setdefault(digest, []).append(index)
@@ -226,17 +242,25 @@ class Contents:
         with self._db.errors():
             for digest, blob in self._db.execute("SELECT hash, features FROM contents WHERE features IS NOT NULL"):
                 if digest in rows:
-                    vector = np.frombuffer(blob, "<f4")
-                    if vector.size != dim:
-                        raise DamagedStateError(
-                            f"indexing state {self._db.path} holds {vector.size} values per image, not {dim}: "
-                            f"pass --rebuild to start it again"
-                        )
-                    out[rows[digest]] = vector
+                    if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+                        size = len(blob) // 4 if isinstance(blob, bytes) else "no"
+                        raise self._db.damaged(f"it holds {size} values per image, not {dim}")
+                    out[rows[digest]] = np.frombuffer(blob, "<f4")
                     filled += len(rows[digest])
         if filled != len(hashes):
-            raise DamagedStateError(f"indexing state {self._db.path} lacks features it listed: pass --rebuild")
+            raise self._db.damaged("it lacks features it listed")
+        self._check_values(out, names or hashes)
         return out
+
+    def _check_values(self, features: np.ndarray, names: list[str]) -> None:
+        usable = np.isfinite(features) & (np.abs(features) <= FEATURE_LIMIT)
+        if usable.all():
+            return
+        row, column = (int(i) for i in np.argwhere(~usable)[0])
+        value = features[row, column]
+        what = f"{value:g}, beyond any model's values" if np.isfinite(value) else f"{value}, not a finite number"
+        raise self._db.damaged(f"value {column + 1} of {features.shape[1]} stored for {printable_path(names[row])} "
+                               f"is {what}")
 
     def keep_catalogued(self) -> None:
         """Forget contents the catalogue doesn't use (inside a transaction)."""
@@ -372,13 +396,16 @@ class IndexState:
         """How many of `hashes` the state holds (embedded or unreadable)."""
         return self.contents.count(hashes)
 
-    def read_features(self, hashes: list[str], dim: int) -> np.ndarray:
-        """Rows of features, one per entry of `hashes` (repeats allowed).
+    def read_features(self, hashes: list[str], dim: int, names: list[str] | None = None) -> np.ndarray:
+        """Rows of features, one per entry of `hashes` (repeats allowed),
+        checked as a features file's are; `names` (e.g. the image paths)
+        name a damaged row in the message.
 
         Raises:
-            StateFileError: a hash has no features, or their length is not `dim`.
+            DamagedStateError: a hash has no features, their length is not
+                `dim`, or a value is not finite or beyond FEATURE_LIMIT.
         """
-        return self.contents.read(hashes, dim)
+        return self.contents.read(hashes, dim, names)
 
     # -- the last complete run ---------------------------------------------
 
@@ -407,8 +434,8 @@ class IndexState:
 
 __all__ = [
     "HASH_NAME", "REBUILD_REQUESTED", "REBUILD_STARTED", "SCHEMA_VERSION", "STATE_SUFFIX",
-    "Contents", "DamagedStateError", "FileRecord", "IndexState", "LastRun", "RunRecord", "StatCache",
-    "StateAccessError", "StateFileError", "StateWriteError",
+    "Contents", "DamagedStateError", "FileRecord", "ForeignStateError", "IndexState", "LastRun", "RunRecord",
+    "StatCache", "StateAccessError", "StateFileError", "StateWriteError",
     "content_hash", "count_checkpointed", "discard_if_empty", "remove_state", "state_exists", "state_files",
-    "state_path",
+    "state_is_empty", "state_path",
 ]

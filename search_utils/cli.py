@@ -10,10 +10,11 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import SearchUtilsError, printable_path
 
@@ -48,6 +49,22 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except OSError as error:  # the backstop: a file that couldn't be read or written, said in one line
         error_line(prog, os_error_message(error))
         return 1
+
+
+@contextlib.contextmanager
+def interrupts_while_starting() -> Iterator[None]:
+    """Around a command's imports (a second or two: numpy, pandas...): Ctrl-C
+    or `kill` there ends as it does later, one line and exit status 130,
+    instead of a traceback through the imports or a silent death by SIGTERM.
+    The SIGTERM handling before it is put back afterwards (`run` sets its own)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        error_line(os.path.basename(sys.argv[0]), "interrupted while starting; nothing was written")
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def os_error_message(error: OSError) -> str:

@@ -27,7 +27,7 @@ from . import __version__, ann, catalog, locking
 from .changes import Changes, Entry, classify, scan
 from .errors import (
     DatasetError, FeaturesFileError, ImageReadError, ModelMismatchError, SearchUtilsError, UnknownModelError,
-    WeightsUnavailableError,
+    WeightsUnavailableError, printable_path,
 )
 from .images import RESAMPLING, find_images, load_image
 from .indexing import batches_of
@@ -35,9 +35,11 @@ from .models import DEFAULT_MODEL, PRECISIONS, FeatureExtractor, ModelSpec, bf16
 from .modes import learn_whitening, whitening_input
 from .search import find_row
 from .store import (
-    FORMAT_VERSION, FeatureStore, file_format, load_features, metadata_path, output_format, read_metadata,
-    NEXT_SUFFIX, recover_interrupted_write, save_features, whitening_path,
+    FORMAT_VERSION, FeatureStore, FileWriteError, file_format, load_features, metadata_path, output_format,
+    read_metadata, NEXT_SUFFIX, recover_interrupted_write, save_features, whitening_path,
 )
+from .store.atomic import name_length_problem, regular_file_problem
+from .store.formats import features_file_problem
 
 POST_MODEL = "resnet50"  # what the post's original script used
 
@@ -50,7 +52,8 @@ def list_dataset(dataset: str, on_error: Callable[[ImageReadError], None] | None
     paths = find_images(dataset, on_error, include_hidden)
     if not paths:
         hint = "" if include_hidden else " (hidden files and folders are skipped: --include-hidden)"
-        raise DatasetError(f"no image files (jpg, jpeg, png, gif, bmp, webp, tif, tiff) in {dataset}{hint}")
+        raise DatasetError(f"no image files (jpg, jpeg, png, gif, bmp, webp, tif, tiff) in "
+                           f"{printable_path(dataset)}{hint}")
     return paths
 
 
@@ -113,7 +116,12 @@ def store_model(store: FeatureStore, requested: str | None = None) -> StoreModel
         raise FeaturesFileError(f"the features file's metadata names model {json.dumps(name)}, which is not "
                                 f"a model name; re-index the images")
     assumed = not name
-    why = "no metadata file" if not metadata else "its metadata names no model"  # when assumed
+    if metadata:  # when assumed: why
+        why = "its metadata names no model"
+    elif store.metadata_file is not None:
+        why = f"metadata file {printable_path(store.metadata_file)} holds no model"
+    else:
+        why = "no metadata file"
     try:
         spec = get_model_spec(POST_MODEL if assumed else name)
     except UnknownModelError as error:
@@ -157,7 +165,10 @@ def query_features(
     Raises:
         ImageReadError: the query is not a readable image.
     """
-    row = find_row(store.paths, query_path, store.metadata.get("base_dir"))
+    base_dir = store.metadata.get("base_dir")
+    if not isinstance(base_dir, str) or not base_dir:  # hand-edited: relative paths start here
+        base_dir = None
+    row = find_row(store.paths, query_path, base_dir)
     if row is not None:
         return store.features[row], True
     image = load_image(query_path, size=spec.input_size, interpolation=spec.resize)
@@ -204,16 +215,33 @@ def model_identity(choice: ModelChoice) -> dict:
     """
     weights = choice.weights_source
     if choice.weights is not None:
-        if not os.path.isfile(choice.weights):
-            raise WeightsUnavailableError(f"weights file not found: {choice.weights}")
+        problem = weights_file_problem(choice.weights)
+        if problem:
+            raise WeightsUnavailableError(problem)
         try:
             weights = f"{catalog.HASH_NAME}:{catalog.content_hash(choice.weights)}"
         except OSError as error:
-            raise WeightsUnavailableError(f"cannot read weights file {choice.weights}: {error.strerror}") from None
+            raise WeightsUnavailableError(f"cannot read weights file {printable_path(choice.weights)}: "
+                                          f"{error.strerror}") from None
     spec = choice.spec
     return {"model": spec.name, "feature_dim": spec.feature_dim, "weights": weights,
             "precision": choice.precision, "preprocessing": spec.describe_preprocessing(),
             "weights_path": choice.weights_source}
+
+
+def weights_file_problem(path: str) -> str | None:
+    """Why `path` can't be a weights file (missing, a folder, a FIFO or
+    device, which reading would block on or never finish), or None."""
+    shown = printable_path(path)
+    if not os.path.lexists(path):
+        return f"weights file not found: {shown}"
+    if os.path.isdir(path):
+        return f"weights file {shown} is a folder, not a weights file"
+    if not os.path.exists(path):
+        return f"weights file {shown} is a broken symbolic link"
+    if regular_file_problem(path):
+        return f"weights file {shown} is not a regular file (a FIFO, socket or device)"
+    return None
 
 
 def _ignore(*_args) -> None:
@@ -296,7 +324,9 @@ def update_index(
     paths = list_dataset(dataset) if paths is None else paths
     identity = model_identity(choice)
     recover_interrupted_write(output)  # what a run killed while writing left
-    created = not catalog.state_exists(output)  # by this run: removed again if it fails before a checkpoint
+    # No state, or an empty file (it records nothing, not even a model): made by this run, and
+    # removed again if it fails before a checkpoint.
+    created = catalog.state_is_empty(output)
     if created and not rebuild:
         _check_stateless_output(output, identity, len(paths), events)
     requested = False  # this run recorded a rebuild that a kill would leave to the next run
@@ -324,7 +354,8 @@ def update_index(
         if isinstance(error, KeyboardInterrupt):  # outside _Update.run: opening the state, or a rebuild's model
             done = ("the --rebuild is recorded, and the next run (with or without --rebuild) finishes it"
                     if requested else "run the same command again")
-            raise IndexingInterrupted(f"interrupted before embedding started: {output} is as it was; {done}") from None
+            raise IndexingInterrupted(f"interrupted before embedding started: {printable_path(output)} is as it "
+                                      f"was; {done}") from None
         raise
 
 
@@ -346,23 +377,36 @@ def _rebuild_due(state: catalog.IndexState, identity: dict, output: str, rebuild
         return False
     if mark == catalog.REBUILD_REQUESTED or (rebuild and not (under_way and same_model)):
         if not rebuild:
-            events.note(f"an earlier --rebuild of {output} was stopped before it began: finishing it "
+            events.note(f"an earlier --rebuild of {printable_path(output)} was stopped before it began: finishing it "
                         f"(everything is embedded again)")
         return True
     if under_way and not same_model and state.holds_features():
         raise ModelMismatchError(
-            f"{output} has an unfinished --rebuild with {recorded.get('model')} in its indexing state: "
+            f"{printable_path(output)} has an unfinished --rebuild with {recorded.get('model')} in its indexing state: "
             f"run that command again to finish it, or pass --rebuild to start again with {identity['model']}"
         )
     return False
 
 
+# What an indexing run adds to the output's name for the files it writes beside it; the longest
+# decides whether the file system takes them all (temporary files are named to fit: store.atomic).
+SIDE_FILES = {
+    catalog.STATE_SUFFIX + "-journal": "the indexing state's journal",
+    ".whitening.npz" + NEXT_SUFFIX: "the whitening file being published",
+}
+
+
 def check_output(output: str) -> None:
     """Refuse, before any work (and before the model loads), an output this
     process can't write, naming the file and why: an unsupported extension;
-    the features file, or a file written beside it (metadata, whitening,
-    approximate-search index, lock, indexing state and SQLite's journals),
-    that is a folder; a missing folder, or a file where it should be; a
+    a name too long for the file system once the suffixes of the files
+    written beside it are added; the features file, or a file written
+    beside it (metadata, whitening, approximate-search index, lock,
+    indexing state and SQLite's journals, the sidecars being published),
+    that is a folder, a FIFO, a socket or a device (a FIFO would block the
+    run for ever); an existing file that is not a features file (a labels
+    CSV, a text file named .h5: only a features file may be replaced, even
+    with --rebuild); a missing folder, or a file where it should be; a
     folder where files can't be created (permissions, a read-only file
     system); a lock or state file that exists but can't be written. Tried
     as the run will write (locking.create_problem, rewrite_problem). A full
@@ -372,20 +416,33 @@ def check_output(output: str) -> None:
     Raises:
         FeaturesFileError: the message names the file and the reason.
     """
+    shown = printable_path(output)
     output_format(output)
     problem = locking.create_problem(output)
     if problem:
-        raise FeaturesFileError(f"cannot write features file {output}: {problem}")
+        raise FeaturesFileError(f"cannot write features file {shown}: {problem}")
+    problem = name_length_problem(output, SIDE_FILES)
+    if problem:
+        raise FeaturesFileError(f"cannot write features file {shown}: {problem}")
     sidecars = (metadata_path(output), whitening_path(output), ann.index_path(output))
-    for path in sidecars + tuple(name + NEXT_SUFFIX for name in sidecars[:2]):  # replaced by renames
-        if os.path.isdir(path):
-            raise FeaturesFileError(f"cannot write {path}: it is a folder")
+    beside = [("", name) for name in sidecars + tuple(name + NEXT_SUFFIX for name in sidecars[:2])]
+    beside += [("lock file ", locking.lock_path(output))]
+    beside += [("indexing state ", path) for path in catalog.state_files(output)]
+    for kind, path in beside:
+        problem = regular_file_problem(path)
+        if problem:
+            raise FeaturesFileError(f"cannot write {kind}{printable_path(path)}: {problem}")
+    problem = features_file_problem(output)
+    if problem:
+        raise FeaturesFileError(f"cannot write features file {shown}: it exists and is not a features file "
+                                f"({problem}); only a features file is replaced: choose another --output, "
+                                f"or delete it if it may go")
     in_place = [("lock file", locking.lock_path(output))]
     in_place += [("indexing state", path) for path in catalog.state_files(output)]
     for kind, path in in_place:
         problem = locking.rewrite_problem(path)
         if problem:
-            raise FeaturesFileError(f"cannot write {kind} {path}: {problem}")
+            raise FeaturesFileError(f"cannot write {kind} {printable_path(path)}: {problem}")
 
 
 def _check_stateless_output(output: str, identity: dict, count: int, events: IndexEvents) -> None:
@@ -397,8 +454,8 @@ def _check_stateless_output(output: str, identity: dict, count: int, events: Ind
     recorded = _recorded_model(output)
     if recorded is not None and recorded != identity["model"]:
         raise _mismatch(output, {"model": recorded}, identity)
-    events.note(f"{output} has no indexing state ({catalog.state_path(output)}), e.g. made by an older run: "
-                f"embedding all {count} images; it is replaced when the run completes")
+    events.note(f"{printable_path(output)} has no indexing state ({printable_path(catalog.state_path(output))}), "
+                f"e.g. made by an older run: embedding all {count} images; it is replaced when the run completes")
 
 
 def _recorded_model(output: str) -> str | None:
@@ -446,7 +503,7 @@ def _adopt_identity(state: catalog.IndexState, identity: dict, output: str) -> N
 def _mismatch(output: str, old: dict, new: dict) -> ModelMismatchError:
     old_text, new_text = _describe_difference(old, new)
     return ModelMismatchError(
-        f"{output} holds features made with {old_text}, this run would make {new_text} ones, and one "
+        f"{printable_path(output)} holds features made with {old_text}, this run would make {new_text} ones, and one "
         f"features file can't mix models: pass --rebuild to re-index everything with {new['model']}, "
         f"or choose another --output"
     )
@@ -484,6 +541,7 @@ class _Update:
         self.state, self.events = state, events
         self.pending: list[str] | None = None  # content hashes to embed, once known
         self.reported: set[str] = set()  # paths already reported as skipped
+        self.hidden: set[str] = set()  # paths recorded under subfolders that can't be listed now
         self.report: UpdateReport | None = None
 
     def run(self, paths: list[str], make_extractor: Callable[[], FeatureExtractor], batch_size: int) -> UpdateReport:
@@ -504,10 +562,15 @@ class _Update:
         (a permission slip, an unmounted share): kept as they were, not
         removed, so a passing problem costs no features."""
         listed = {entry.rel for entry in entries}
+        known = self.state.known_contents()  # hash -> None if embedded, else why it couldn't be read
+        # Every file recorded there stays recorded (none counts as removed); the images among them keep
+        # their rows; the files that couldn't be read are not reported again (they can't be seen now).
         hidden = [Entry(os.path.join(self.dataset, rel), rel, digest) for rel, digest in sorted(catalogue.items())
-                  if rel not in listed and digest is not None and self._under_unlisted(rel)]
-        if hidden:
-            self.events.note(f"kept the {len(hidden)} images recorded under folders that can't be listed now")
+                  if rel not in listed and self._under_unlisted(rel)]
+        self.hidden = {entry.path for entry in hidden}
+        images = sum(entry.hash is not None and entry.hash in known and known[entry.hash] is None for entry in hidden)
+        if images:
+            self.events.note(f"kept the {images} images recorded under folders that can't be listed now")
         return hidden
 
     def _under_unlisted(self, rel: str) -> bool:
@@ -521,6 +584,8 @@ class _Update:
         todo: dict[str, str] = {}
         resumed: set[str] = set()
         for entry in entries:
+            if entry.path in self.hidden and (entry.hash is None or entry.hash not in known):
+                continue  # can't be read now: kept as recorded
             if entry.hash is None:
                 self._skip(entry.error)
             elif entry.hash not in known:
@@ -535,8 +600,8 @@ class _Update:
         self.pending = list(todo)
         return todo
 
-    def _skip(self, error: ImageReadError) -> None:
-        if error.path not in self.reported:
+    def _skip(self, error: ImageReadError | None) -> None:
+        if error is not None and error.path not in self.reported and error.path not in self.hidden:
             self.reported.add(error.path)
             self.events.skip(error)
 
@@ -567,9 +632,12 @@ class _Update:
                 self._skip(ImageReadError(entry.path, known[entry.hash]))
         if not rows:
             raise DatasetError(
-                f"none of the {len(entries)} image files in {self.dataset} could be read; nothing written"
+                f"none of the {len(entries)} image files in {printable_path(self.dataset)} could be read; "
+                f"nothing written"
             )
-        self.report.rows, self.report.skipped = len(rows), len(entries) - len(rows)
+        unseen = sum(entry.path in self.hidden and not (entry.hash is not None and known.get(entry.hash, "") is None)
+                     for entry in entries)  # files without rows under folders that can't be listed: not skipped
+        self.report.rows, self.report.skipped = len(rows), len(entries) - len(rows) - unseen
         metadata = _metadata(self.choice.spec, self.choice.weights_source, self.choice.precision, self.dataset,
                              self.choice.runtime)
         if self._needs_writing(metadata):
@@ -580,13 +648,14 @@ class _Update:
         written = self.state.written
         fingerprint = _fingerprint(self.output)
         if written is not None and written["files"] != fingerprint:
-            self.events.note(f"{self.output} is not as the last run left it (edited, replaced or deleted): "
-                             f"writing it again from the indexing state")
+            self.events.note(f"{printable_path(self.output)} is not as the last run left it (edited, replaced or "
+                             f"deleted): writing it again from the indexing state")
         return (self.report.changes.any or self.report.embedded > 0 or self.report.failed > 0
                 or written != {"metadata": _lasting(metadata), "files": fingerprint})
 
     def _write(self, entries: list[Entry], rows: list[Entry], metadata: dict) -> None:
-        features = self.state.read_features([e.hash for e in rows], self.choice.spec.feature_dim)
+        features = self.state.read_features([e.hash for e in rows], self.choice.spec.feature_dim,
+                                            [e.path for e in rows])
         store = FeatureStore([e.path for e in rows], features, metadata, whitening_arrays(features))
         save_features(self.output, store)
         self.state.publish({e.rel: e.hash for e in entries},
@@ -595,7 +664,7 @@ class _Update:
 
     def _interrupted(self) -> str:
         if self.pending is None:
-            return (f"interrupted before embedding started: {self.output} is as it was; "
+            return (f"interrupted before embedding started: {printable_path(self.output)} is as it was; "
                     f"run the same command again to resume")
         try:
             done = self.state.count_contents(self.pending)
@@ -603,6 +672,29 @@ class _Update:
             done = self.report.embedded + self.report.failed
         return (f"interrupted: {done} of {len(self.pending)} images embedded and checkpointed; "
                 f"run the same command again to resume")
+
+
+def keep_ann_index(output: str, rows: int, threshold: int, note: Callable[[str], None]) -> None:
+    """Build or refresh `<output>.ann` for large collections (`rows` at
+    least `threshold`); drop it when the collection shrank below. Small
+    collections read nothing more. Called once `output` is written.
+
+    Raises:
+        FileWriteError: the index can't be written (a full disk): the
+            message names it and says the features file is written.
+    """
+    path = ann.index_path(output)
+    if rows < threshold and not os.path.exists(path):
+        return
+    try:
+        ann.ensure_index(output, load_features(output, mmap=True), threshold, note=note)
+    except (OSError, FileWriteError) as error:
+        reason = error.reason if isinstance(error, FileWriteError) else error.strerror or str(error)
+        raise FileWriteError(
+            f"the features file {printable_path(output)} is written, but its approximate-search index "
+            f"{printable_path(path)} could not be ({reason}): searches scan every row until it is; free some "
+            f"space and run the same command again"
+        ) from None
 
 
 def _lasting(metadata: dict) -> dict:
@@ -635,6 +727,8 @@ __all__ = [
     "ModelChoice",
     "UpdateReport",
     "check_output",
+    "keep_ann_index",
+    "weights_file_problem",
     "StoreModel",
     "list_dataset",
     "query_features",

@@ -15,9 +15,11 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import LabelsError
+from .errors import LabelsError, printable_path
 from .metrics import mean_metrics, ranking_metrics
 from .search import absolute_path, distances
+from .store.atomic import NotRegularFileError, open_regular
+from .store.feature_store import excerpt
 
 QUERY_BLOCK = 256  # queries per matrix product for dot-product spaces
 
@@ -34,29 +36,86 @@ class Labels:
         return sum(label is not None for label in self.labels)
 
 
-def read_label_records(path: str) -> list[dict]:
-    """Records from a JSON list of objects or a CSV with a header.
+class LabelRecord(dict):
+    """One record of a labels file (its fields, text), and where it is in
+    the file, for messages (`line 3`, `record 2`)."""
+
+    where: str = "a record"
+
+
+def read_label_records(path: str) -> list[LabelRecord]:
+    """Records from a JSON list of objects or a CSV with a header (UTF-8,
+    with or without the byte-order mark Excel writes), each with a
+    non-empty text `path` and `label` (a JSON number is taken as text).
 
     Raises:
-        LabelsError: unreadable file, or records without path and label.
+        LabelsError: unreadable file, or a record that is not what it
+            should be: the message names the file and the line or record.
     """
-    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read for ever
-        raise LabelsError(f"labels file {path} is not a regular file")
+    shown = printable_path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open_regular(path, "r", newline="", encoding="utf-8-sig") as handle:
             if path.lower().endswith(".json"):
-                records = json.load(handle)
+                records = _json_records(shown, json.load(handle))
             else:
-                records = list(csv.DictReader(handle))
+                records = _csv_records(shown, handle)
+    except NotRegularFileError:
+        raise LabelsError(f"labels file {shown} is not a regular file (a FIFO, socket or device)") from None
     except OSError as error:
-        raise LabelsError(f"cannot read labels file {path}: {error.strerror or error}") from None
+        raise LabelsError(f"cannot read labels file {shown}: {error.strerror or error}") from None
     except ValueError as error:
-        raise LabelsError(f"cannot read labels file {path}: {error}") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise LabelsError(f"labels file {path} must hold a list of records")
-    missing = [r for r in records if "path" not in r or "label" not in r]
-    if missing or not records:
-        raise LabelsError(f"labels file {path}: every record needs 'path' and 'label'")
+        raise LabelsError(f"cannot read labels file {shown}: {' '.join(str(error).split())}") from None
+    if not records:
+        raise LabelsError(f"labels file {shown} holds no records (a header, then a row per image: path,label)")
+    for record in records:
+        for key in ("path", "label"):
+            if key not in record:
+                raise LabelsError(f"labels file {shown}: {record.where} has no {key!r}: every record needs "
+                                  f"'path' and 'label'")
+            if record[key] is None or record[key] == "":
+                raise LabelsError(f"labels file {shown}: {record.where} has an empty {key}")
+    return records
+
+
+def _csv_records(shown: str, handle) -> list[LabelRecord]:
+    reader = csv.reader(handle, strict=True)
+    records: list[LabelRecord] = []
+    try:
+        header = next((row for row in reader if row), None)
+        if header is None:
+            return []
+        for row in reader:
+            if not row:
+                continue  # a blank line
+            where = f"line {reader.line_num}"
+            if len(row) != len(header):
+                fields = "1 field" if len(row) == 1 else f"{len(row)} fields"
+                raise LabelsError(f"labels file {shown}: {where} has {fields}, the header {len(header)} "
+                                  f"({excerpt(','.join(header))})")
+            record = LabelRecord(zip(header, row))
+            record.where = where
+            records.append(record)
+    except csv.Error as error:
+        raise LabelsError(f"labels file {shown}: line {reader.line_num} is badly quoted ({error}; a quote "
+                          f"never closed?)") from None
+    return records
+
+
+def _json_records(shown: str, data) -> list[LabelRecord]:
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise LabelsError(f"labels file {shown} must hold a list of records (JSON objects)")
+    records = []
+    for number, fields in enumerate(data, start=1):
+        record = LabelRecord()
+        record.where = f"record {number}"
+        for key, value in fields.items():
+            if value is not None and not isinstance(value, str):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise LabelsError(f"labels file {shown}: record {number} has {key!r} "
+                                      f"{excerpt(json.dumps(value))}, not a text")
+                value = str(value)
+            record[key] = value
+        records.append(record)
     return records
 
 
@@ -65,15 +124,28 @@ def labels_from_records(paths: list[str], records: list[dict], labels_path: str,
     """Match records to feature rows by resolved absolute path.
 
     Record paths are relative to the labels file's folder (or absolute);
-    feature paths relative to `base_dir` (where they were indexed).
+    feature paths relative to `base_dir` (where they were indexed). Two
+    records of the same image must agree.
+
+    Raises:
+        LabelsError: a record without `group_key`, or two records giving
+            one image different labels or groups.
     """
+    shown = printable_path(labels_path)
     folder = os.path.dirname(os.path.abspath(labels_path))
-    by_path = {}
+    by_path: dict[str, tuple[str, str | None, dict]] = {}
     for record in records:
-        if group_key is not None and group_key not in record:
-            raise LabelsError(f"labels file {labels_path}: a record has no field {group_key!r}")
+        where = getattr(record, "where", "a record")
+        if group_key is not None and (group_key not in record or record[group_key] in (None, "")):
+            raise LabelsError(f"labels file {shown}: {where} has no field {group_key!r}")
         key = os.path.realpath(absolute_path(str(record["path"]), folder))
-        by_path[key] = (str(record["label"]), None if group_key is None else str(record[group_key]))
+        entry = (str(record["label"]), None if group_key is None else str(record[group_key]), record)
+        earlier = by_path.setdefault(key, entry)
+        if earlier[:2] != entry[:2]:
+            field, index = ("label", 0) if earlier[0] != entry[0] else (group_key, 1)
+            first = getattr(earlier[2], "where", "a record")
+            raise LabelsError(f"labels file {shown}: {where} gives {excerpt(str(record['path']))} the {field} "
+                              f"{excerpt(entry[index])!r}, {first} gave it {excerpt(earlier[index])!r}; keep one")
     matched = [by_path.get(os.path.realpath(absolute_path(p, base_dir)), (None, None)) for p in paths]
     return Labels([m[0] for m in matched], [m[1] for m in matched])
 

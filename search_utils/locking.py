@@ -22,6 +22,7 @@ import tempfile
 from typing import Iterator
 
 from .errors import SearchUtilsError, printable_path
+from .store.atomic import TEMPORARY_SUFFIX, temporary_prefix
 
 LOCK_SUFFIX = ".lock"
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -61,7 +62,8 @@ def exclusive_output(path: str) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise OutputLockedError(
-                f"{path} is being written by {holder}; wait for that run to finish (or stop it) and try again"
+                f"{printable_path(path)} is being written by {printable_path(holder[:80])}; wait for that run "
+                f"to finish (or stop it) and try again"
             ) from None
         try:  # held: the file is ours to write, and to remove
             handle.seek(0)
@@ -101,8 +103,8 @@ def create_problem(path: str) -> str | None:
         if blocker is not None and not os.path.isdir(blocker):
             return f"{printable_path(blocker)} is a file, not a folder"
         return f"folder {printable_path(folder)} does not exist"
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:  # named as the run's temporary files are: short enough for any name, and cleaned up if left
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(path), suffix=TEMPORARY_SUFFIX)
     except OSError as error:
         return f"can't create files in folder {printable_path(folder)}: {_reason(error)}"
     os.close(fd)

@@ -21,7 +21,9 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from .errors import RuntimeUnavailableError, SearchUtilsError, UnknownModelError, WeightsUnavailableError
+from .errors import (
+    RuntimeUnavailableError, SearchUtilsError, UnknownModelError, WeightsUnavailableError, printable_path,
+)
 
 # The engine compiles the model with tf.function: pin Keras to TensorFlow
 # before anything imports it (a user's KERAS_BACKEND still wins).
@@ -275,7 +277,12 @@ def load_extractor(spec: ModelSpec, weights: str | None = None, precision: str =
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if weights is not None and not os.path.isfile(weights):
-        raise WeightsUnavailableError(f"weights file not found: {weights}")
+        shown = printable_path(weights)
+        if os.path.isdir(weights):
+            raise WeightsUnavailableError(f"weights file {shown} is a folder, not a weights file")
+        if os.path.exists(weights):
+            raise WeightsUnavailableError(f"weights file {shown} is not a regular file (a FIFO, socket or device)")
+        raise WeightsUnavailableError(f"weights file not found: {shown}")
     source = spec.default_weights if weights is None else weights
     held = native_logs_held_back() if hold_native_logs else contextlib.nullcontext()
     with held, _dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32"):

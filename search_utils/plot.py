@@ -9,10 +9,12 @@ picture is to be written is checked before the search does its work
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import math
 import os
+import socket
 import sys
 import tempfile
 from typing import Sequence
@@ -29,6 +31,29 @@ DEFAULT_FORMAT = "png"  # a picture name without an extension gets ".png"
 # With the query, 10 rows of 6. Each cell costs a decode and a draw: 2,000
 # results took two minutes and made a 1500 x 93520 pixel picture.
 MOST_RESULTS_SHOWN = 59
+# The picture is written under a short temporary name beside it first (21
+# bytes), so any name the file system takes (255 bytes) can be written.
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".picture-", ".tmp"
+
+
+def _matplotlib():
+    """matplotlib, imported with an MPLBACKEND it can use: one that names no
+    backend would make `import matplotlib` itself fail (a traceback); it is
+    ignored, with a note, and the picture saved as without it."""
+    if "matplotlib" not in sys.modules and os.environ.get("MPLBACKEND"):
+        value = os.environ.pop("MPLBACKEND")
+        import matplotlib
+
+        try:
+            matplotlib.rcParams["backend"] = value  # what matplotlib does with the variable, checked
+        except (ValueError, KeyError):
+            print(f"note: MPLBACKEND={printable_path(value)} names no matplotlib backend; ignored it",
+                  file=sys.stderr)
+        else:
+            os.environ["MPLBACKEND"] = value
+    import matplotlib
+
+    return matplotlib
 
 
 def grid_shape(n_results: int, columns: int = COLUMNS) -> tuple[int, int]:
@@ -46,6 +71,7 @@ def figure_size_pixels(n_results: int, columns: int = COLUMNS) -> tuple[int, int
 
 def results_figure(query_path: str, hits: Sequence[SearchHit], columns: int = COLUMNS):
     """A Figure with the query first, then one cell per hit (`dist: X.XX`)."""
+    _matplotlib()
     from matplotlib.figure import Figure
 
     rows, cols = grid_shape(len(hits), columns)
@@ -110,6 +136,7 @@ def _format_of(name: str) -> str:
 def _check_writable_format(picture_format: str, shown: str) -> None:
     """matplotlib's list of formats names some that need more than it has
     (pgf runs TeX): a tiny picture written to memory tells for sure."""
+    _matplotlib()
     from matplotlib.figure import Figure
 
     probe = Figure(figsize=(0.2, 0.2))
@@ -123,6 +150,22 @@ def _check_writable_format(picture_format: str, shown: str) -> None:
     except Exception as error:  # noqa: BLE001 - whatever the format's writer lacks here
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise PictureError(f"{shown}: cannot write .{picture_format} pictures here: {reason}") from None
+
+
+def check_not_a_folder(name: str) -> None:
+    """Refuse a picture name that is an existing folder, or names one once
+    ".png" is appended (a usage error, like a name ending in a slash).
+
+    Raises:
+        PictureError: naming the folder.
+    """
+    if os.path.isdir(name):
+        example = printable_path(os.path.join(name, "search_results.png"))
+        raise PictureError(f"{printable_path(name)} is a folder; name a file in it, e.g. {example}")
+    file = _with_extension(name)
+    if file != name and os.path.isdir(file):
+        raise PictureError(f"{printable_path(file)} (.png appended: the name has no extension) is a folder; "
+                           f"name a file")
 
 
 def picture_file(name: str) -> str:
@@ -166,21 +209,24 @@ def _folder_shown(file: str) -> str:
 
 def _check_folder_writable(target: str, shown: str, folder_shown: str) -> None:
     """Create and remove the temporary file the save will write first (same
-    folder, same kind of name): it needs exactly the rights, and the name
-    length, that the real save needs."""
+    folder, same kind of name): it needs exactly the rights that the real
+    save needs; then ask the file system whether it takes the picture's
+    own name (a name too long for it is refused by a lookup)."""
     try:
-        fd, probe = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.",
-                                     suffix=".tmp")
+        fd, probe = tempfile.mkstemp(dir=os.path.dirname(target), prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
         os.close(fd)
         os.unlink(probe)
+        with contextlib.suppress(FileNotFoundError):
+            os.lstat(target)
     except FileNotFoundError:
         raise PictureError(f"cannot write the picture {shown}: folder {folder_shown} does not exist") from None
     except NotADirectoryError:
         raise PictureError(f"cannot write the picture {shown}: {folder_shown} is a file, not a folder") from None
     except OSError as error:
         if error.errno == errno.ENAMETOOLONG:
+            size = len(os.fsencode(os.path.basename(target)))
             raise PictureError(f"cannot write the picture {shown}: its name is too long for the file system "
-                               "(counting the temporary name it is first written under)") from None
+                               f"({size} bytes)") from None
         where = "the current folder" if folder_shown == "." else f"folder {folder_shown}"
         raise PictureError(f"cannot write the picture {shown} in {where}: "
                            f"{(error.strerror or str(error)).lower()}") from None
@@ -188,35 +234,115 @@ def _check_folder_writable(target: str, shown: str, folder_shown: str) -> None:
 
 def save_figure(figure, file: str) -> None:
     """Write the picture to `file` (a name from `picture_file`), atomically:
-    a temporary file beside it, renamed over it once complete, so an earlier
-    picture is never left half-written. A symlink is written through.
+    a temporary file beside it (a short name: TEMPORARY_PREFIX), flushed to
+    disk and renamed over it once complete, so an earlier picture is never
+    left half-written; it keeps the earlier file's permissions. A symlink is
+    written through.
 
     Raises:
         PictureError: the file system refused (full disk, file too large, ...).
     """
-    from .store import atomic_write
+    from .store.atomic import file_mode, fsync_folder
 
+    target = os.path.realpath(file)
+    folder = os.path.dirname(target)
+    temporary = None
     try:
-        with atomic_write(os.path.realpath(file), binary=True) as handle:
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
+        with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format=_format_of(file), dpi=DPI)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, file_mode(target))  # mkstemp's 0600 would hide the picture from others
+        os.replace(temporary, target)
+        temporary = None
     except OSError as error:
         raise PictureError(f"cannot write the picture {printable_path(file)}: "
                            f"{(error.strerror or str(error)).lower()}; an earlier file there is as it was") from None
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+    fsync_folder(folder)
 
 
 def display_available() -> bool:
     """Whether a window can be opened: a desktop session, not a headless box.
 
-    $DISPLAY alone is not enough: when it names a display that can't be
-    opened (or MPLBACKEND asks for a file-only backend), matplotlib falls
-    back to a backend whose `show` only warns, and the picture would be lost.
+    $DISPLAY or $WAYLAND_DISPLAY alone is not enough: when it names a
+    display that can't be opened, matplotlib falls back to a backend whose
+    `show` only warns (even for an MPLBACKEND=TkAgg asked for), and the
+    picture would be lost. So on Linux the display is tried first (X: opened
+    and closed again, whatever Xlib says meanwhile kept off stderr; Wayland:
+    its socket connected to, as libwayland would, without its error line
+    when XDG_RUNTIME_DIR is unset); then the backend matplotlib would use
+    must be an interactive one that loads.
     """
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    if sys.platform.startswith("linux") and not (_wayland_display_usable() or _x_display_usable()):
         return False
+    _matplotlib()
     import matplotlib
+    import matplotlib.pyplot as plt
     from matplotlib.backends import BackendFilter, backend_registry
 
-    return matplotlib.get_backend().lower() not in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)
+    backend = matplotlib.get_backend()  # resolves an automatic choice: the first interactive one that loads
+    if backend.lower() in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE):
+        return False
+    try:
+        plt.switch_backend(backend)  # one asked for by name may not load (no tkinter, no Qt)
+    except ImportError:
+        return False
+    return True
+
+
+def _wayland_display_usable() -> bool:
+    name = os.environ.get("WAYLAND_DISPLAY")
+    if not name:
+        return False
+    if not os.path.isabs(name):
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if not runtime or not os.path.isabs(runtime):
+            return False
+        name = os.path.join(runtime, name)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(name)
+    except OSError:
+        return False
+    return True
+
+
+def _x_display_usable() -> bool:
+    if not os.environ.get("DISPLAY"):
+        return False
+    _matplotlib()
+    try:
+        from matplotlib import _c_internal_utils
+
+        check = _c_internal_utils.xdisplay_is_valid
+    except (ImportError, AttributeError):  # another matplotlib: let its own fallback decide, as before
+        return True
+    with _stderr_silenced():
+        return bool(check())
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 sent to /dev/null for the block: C libraries
+    (Xlib: "No protocol specified") write there directly."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def show_figure(figure) -> None:

@@ -40,9 +40,13 @@ in flight: the run finished on the other node, features unchanged.
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import logging
 import os
+import signal
 import socket
+import threading
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -55,7 +59,9 @@ from .models import native_logs_held_back
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPUS_PER_ACTOR = 0.5  # whole CPUs hang a 2-CPU cluster (see above)
 LOCAL = "local"  # what the command line passes for a bare --ray
-CONNECT_TIMEOUT = 5.0  # seconds to reach the cluster's address before giving up
+AUTO = "auto"  # RAY_ADDRESS, else the cluster last started on this machine
+CONNECT_TIMEOUT = 5.0  # seconds to reach the cluster's address, and for it to answer as Ray, before giving up
+ADDRESS_FORM = "host:port of the cluster's head, auto, or nothing for a local cluster"
 
 
 class ClusterError(SearchUtilsError):
@@ -77,13 +83,19 @@ class RayEmbedder(PathEmbedder):
         self.choice = choice
         self.note = note or (lambda text: None)
         self.ray = _import_ray()
-        self.address = address
-        _connect(self.ray, address)
-        self.actors = self._pool_size(actors)
+        self.address = resolved_address(checked_address(address))
+        try:
+            _connect(self.ray, self.address)
+            self.actors = self._pool_size(actors)
+        except BaseException:  # e.g. interrupted while a local cluster was starting: none is left behind
+            self.close()
+            raise
 
     def embed_files(self, paths: Sequence[str], batch_size: int) -> Iterator[EmbeddingResult]:
+        blocks = None
         try:
-            for block in self._blocks(paths, batch_size):
+            blocks = iter(self._blocks(paths, batch_size))  # a generator: closed below, however the run ends
+            for block in blocks:
                 yield _as_result(block, paths)
         except Exception as error:
             user_error = _user_error(error)
@@ -91,12 +103,15 @@ class RayEmbedder(PathEmbedder):
                 raise
             raise user_error from None  # e.g. the actors' model can't load: its one line, as locally
         finally:
-            self.close()
+            try:
+                if hasattr(blocks, "close"):
+                    blocks.close()  # Ray Data shuts its executor down: the actors are killed now, not later
+            finally:
+                self.close()
 
     def close(self) -> None:
         """Disconnect, and stop the cluster if this process started it."""
-        if self.ray.is_initialized():
-            self.ray.shutdown()
+        self.ray.shutdown()  # also after a failed or interrupted start (a no-op if nothing was started)
 
     def _pool_size(self, requested: int | None) -> int:
         """`requested`, or one actor per CPU; never more than fit, since a
@@ -213,41 +228,165 @@ def _quiet_ray_data(data) -> None:
             handler.setLevel(logging.CRITICAL)
 
 
+def ray_address(text: str) -> str:
+    """argparse type of --ray: the address checked for form (one line if
+    not), so that a wrong one is refused even when nothing needs embedding."""
+    try:
+        return checked_address(text, source="")
+    except ClusterError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def checked_address(text: str, source: str = "--ray") -> str:
+    """LOCAL, AUTO or host:port (port 1-65535; an IPv6 host in brackets).
+    `source`: where the address came from, for the message.
+
+    Raises:
+        ClusterError: any other form, e.g. a Ray Client address (ray://...).
+    """
+    address = text.strip()
+    if not address:
+        raise ClusterError(_said(source, f"empty; give {ADDRESS_FORM}"))
+    if address in (LOCAL, AUTO):
+        return address
+    if address.startswith("ray://"):
+        raise ClusterError(_said(source, "Ray Client addresses (ray://) are not supported; give host:port of the "
+                                         "cluster's head (its GCS port: 6379 unless `ray start --head --port` "
+                                         "said otherwise)"))
+    _host_and_port(address, source)
+    return address
+
+
+def _said(source: str, message: str) -> str:
+    return f"{source}: {message}" if source else message
+
+
+def _host_and_port(address: str, source: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    bad = (not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535
+           or "://" in address or any(char.isspace() or char in "/@?#" for char in host))
+    if not bad and ":" in host:  # IPv6: only in brackets, as host:port can't be told apart otherwise
+        try:
+            bad = not bracketed or not isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        except ValueError:
+            bad = True
+    if bad:
+        out_of_range = port.isascii() and port.isdigit() and not 1 <= int(port) <= 65535
+        raise ClusterError(_said(source, f"not an address: {address!r}; give {ADDRESS_FORM}"
+                                         + (" (ports are 1-65535)" if out_of_range else "")))
+    return host, int(port)
+
+
+def resolved_address(address: str) -> str:
+    """The host:port that `address` means (LOCAL stays LOCAL): for AUTO,
+    RAY_ADDRESS if set, else the cluster last started on this machine with
+    `ray start` (Ray's record of it in its temporary folder).
+
+    Raises:
+        ClusterError: AUTO and no cluster to be found, or RAY_ADDRESS malformed.
+    """
+    if address != AUTO:
+        return address
+    environment = os.environ.get("RAY_ADDRESS", "").strip()
+    if environment and environment != AUTO:
+        resolved = checked_address(environment, "RAY_ADDRESS")
+        return resolved
+    try:
+        from ray._private import services
+
+        found = services.find_bootstrap_address(None)
+    except Exception:  # Ray's private helper moved or its record is unreadable: then only RAY_ADDRESS tells
+        found = None
+    if not found:
+        raise ClusterError("--ray auto: no Ray cluster found (RAY_ADDRESS is not set, and none was started on this "
+                           "machine with `ray start --head`); give host:port of the cluster's head")
+    return checked_address(found, "--ray auto")
+
+
 def _connect(ray, address: str) -> None:
-    """ray.init: a new local cluster for LOCAL, else the one at `address`
-    ("auto", or host:port, which is tried first: Ray itself would retry an
-    address where nothing listens for ever, logging as it goes).
+    """ray.init: a new local cluster for LOCAL (whatever RAY_ADDRESS says),
+    else the one at host:port `address`, checked first: something must
+    listen there and answer as a Ray head (GCS) does, within seconds (Ray
+    itself would retry an address where nothing listens for ever, logging
+    as it goes, and wait on one that listens but isn't Ray for as long).
+
+    ray.init sets its own SIGTERM handler (exit status 15, Ray's log lines);
+    the command's (cli.run: `kill` stops as Ctrl-C does) is put back.
 
     Raises:
         ClusterError: one line naming the address.
     """
-    if address not in (LOCAL, "auto") and "://" not in address:
+    if address != LOCAL:
         _probe(address)
     # The driver's C++ core logs to stderr (e.g. a warning per actor pool,
     # and a line saying it obeys this); its log files keep everything.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     options = {"log_to_driver": False, "logging_level": logging.ERROR,
                "runtime_env": {"env_vars": {"PYTHONPATH": f"{REPO_DIR}{os.pathsep}${{PYTHONPATH}}"}}}
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         with native_logs_held_back():  # replayed if starting fails
-            if address == LOCAL:
-                ray.init(include_dashboard=False, **options)
+            if address == LOCAL:  # "local": a new cluster, even if RAY_ADDRESS names one
+                ray.init(address=LOCAL, include_dashboard=False, **options)
             else:
                 ray.init(address=address, **options)
+    except SystemExit as stop:  # Ray's SIGTERM handler, while it was starting
+        if stop.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: {_one_line(error)}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _probe(address: str) -> None:
-    """Refuse at once an address where nothing answers."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"--ray takes host:port or auto (or nothing, for a local cluster), not {address!r}")
+    """Refuse within seconds an address where nothing listens, or where
+    something listens that doesn't answer as a Ray cluster's head: a TCP
+    connection, then one gRPC call to its GCS with a deadline."""
+    host, port = _host_and_port(address, "--ray")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
     except OSError as error:
-        reason = error.strerror or type(error).__name__
+        reason = error.strerror or ("timed out" if isinstance(error, TimeoutError) else type(error).__name__)
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {reason.lower()}") from None
+    problem = _gcs_problem(address)
+    if problem:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {problem}")
+
+
+def _gcs_problem(address: str) -> str | None:
+    """Why `address` is not a Ray head's GCS, or None if it answers as one
+    (a GCS that wants a token it didn't get counts: ray.init says more)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    try:
+        from ray._private.gcs_utils import create_gcs_channel  # Ray's TLS and token settings
+
+        channel = create_gcs_channel(address)
+    except Exception:
+        channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])  # as Ray's own
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT)
+    except grpc.RpcError as error:
+        code = error.code() if hasattr(error, "code") else None
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return (f"something listens there but gave no answer within {CONNECT_TIMEOUT:g} s: not a Ray "
+                    "cluster's head (give its GCS port, 6379 by default)")
+        return ("something listens there but does not answer as a Ray cluster's head does "
+                "(give its GCS port, 6379 by default)")
+    finally:
+        channel.close()
+    return None
 
 
 def _one_line(error: BaseException) -> str:
@@ -259,4 +398,5 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
-__all__ = ["ClusterError", "RayEmbedder", "BatchEmbedder"]
+__all__ = ["AUTO", "ClusterError", "LOCAL", "RayEmbedder", "BatchEmbedder", "checked_address", "ray_address",
+           "resolved_address"]

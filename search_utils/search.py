@@ -38,12 +38,15 @@ def _euclidean(rows: np.ndarray, query: np.ndarray) -> Distances:
 
 
 def _cosine(rows: np.ndarray, query: np.ndarray) -> Distances:
-    # 1 - cos(angle); a zero vector is at distance 1 from everything.
+    # 1 - cos(angle). A zero vector has no angle: it is at distance 1 from
+    # every other vector, and at 0 from another zero vector (itself).
     dot_norm = kernels.dot_and_norm_rows(rows, query)
-    norms = np.sqrt(dot_norm[:, 1]) * np.linalg.norm(query.astype(np.float64))
+    row_norms = np.sqrt(dot_norm[:, 1])
+    norms = row_norms * np.linalg.norm(query.astype(np.float64))
     safe = np.where(norms > 0, norms, 1.0)
+    both_zero = (row_norms == 0) & (not np.any(query))
     # Rounding can put an image's own copy a hair below 0 (-4e-9): never shown as a negative distance.
-    return np.where(norms > 0, np.maximum(1.0 - dot_norm[:, 0] / safe, 0.0), 1.0)
+    return np.where(norms > 0, np.maximum(1.0 - dot_norm[:, 0] / safe, 0.0), np.where(both_zero, 0.0, 1.0))
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], Distances]] = {

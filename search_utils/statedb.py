@@ -9,8 +9,11 @@ that would resume by itself:
                              every checkpoint committed so far is kept
     no permission, read-only StateAccessError: fix the permissions
     in use                   StateAccessError: another process holds it
-    damaged, foreign, newer  DamagedStateError: only `--rebuild` (or deleting
+    damaged, newer           DamagedStateError: only `--rebuild` (or deleting
                              it) gets past it; the features file is unharmed
+    another program's        ForeignStateError: an SQLite database without this
+                             tool's tables is never changed, not even by
+                             `--rebuild`: move it away or use another name
 
 Knows the tables (catalog gives them their meaning), nothing about models.
 """
@@ -41,6 +44,9 @@ _NO_SPACE = {13, 10}  # SQLITE_FULL; SQLITE_IOERR (a write the OS refused: no sp
 _DAMAGED = {11, 26, 24}  # SQLITE_CORRUPT, SQLITE_NOTADB, SQLITE_FORMAT
 _NO_ACCESS = {3, 8, 14, 23}  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_AUTH
 _IN_USE = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
+_TABLES = ("meta", "contents", "files", "catalogue")
+# What the `meta` table may hold, and what each value must be.
+_REBUILD_MARKS = (None, "requested", "started")
 
 
 class StateFileError(SearchUtilsError):
@@ -50,6 +56,11 @@ class StateFileError(SearchUtilsError):
 class DamagedStateError(StateFileError):
     """The state is damaged, not an indexing state, or from a newer version:
     only starting it again (`--rebuild`) gets past it."""
+
+
+class ForeignStateError(StateFileError):
+    """The state's name holds another program's SQLite database: it is
+    left as it is, even by --rebuild."""
 
 
 class StateWriteError(StateFileError):
@@ -101,13 +112,23 @@ def count_features(path: str, strict: bool = False) -> int | None:
     the writer), and possible on a full disk."""
     if not os.path.exists(path):
         return 0
+    if not os.path.isfile(path):  # a FIFO would block SQLite
+        return None if strict else 0
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'contents'").fetchone() is None:
-                return 0  # an empty file, or one whose tables were never created
+        with contextlib.closing(sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "contents" not in tables:  # an empty file or database (0); another program's (can't tell)
+                return None if strict and tables else 0
             return db.execute("SELECT count(*) FROM contents WHERE features IS NOT NULL").fetchone()[0]
     except sqlite3.Error:
         return None if strict else 0
+
+
+def _uri_path(path: str) -> str:
+    """`path` as the path of a file: URI (?, # and % would end or escape it)."""
+    import urllib.parse
+
+    return urllib.parse.quote(os.path.abspath(path))
 
 
 class StateDatabase:
@@ -132,6 +153,11 @@ class StateDatabase:
             StateFileError: see state_error; DamagedStateError for a file
                 from a newer version.
         """
+        for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+            if os.path.lexists(name) and not os.path.isfile(name):  # SQLite would block on a FIFO
+                raise StateAccessError(f"cannot use indexing state {printable_path(path)}: "
+                                       f"{printable_path(name)} is not a regular file (a FIFO, socket, device "
+                                       f"or folder); move it away")
         new = not os.path.exists(path)
         try:
             with state_errors(path):
@@ -144,13 +170,14 @@ class StateDatabase:
                     raise
         except BaseException:
             if new:
-                for leftover in (path, path + "-wal", path + "-shm"):
+                for leftover in (path, path + "-wal", path + "-shm", path + "-journal"):
                     with contextlib.suppress(OSError):
                         os.unlink(leftover)
             raise
         return database
 
     def _prepare(self) -> None:
+        self._refuse_foreign()  # before anything could change it
         # WAL: a commit is one append to the journal, readers never block,
         # and a process killed mid-transaction leaves the previous commit.
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -166,6 +193,41 @@ class StateDatabase:
                     f"indexing state {printable_path(self.path)} has schema version {version}, this tool reads "
                     f"{SCHEMA_VERSION}: pass --rebuild to start it again"
                 )
+            self._check_meta()
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a database that holds tables but not this tool's: another
+        program's, which must not be changed. An empty one is a new state."""
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables or set(_TABLES) <= tables:
+            return
+        ours = "meta" in tables and self._db.execute(
+            "SELECT 1 FROM meta WHERE key = 'schema'").fetchone() is not None
+        if not ours:
+            listed = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+            raise ForeignStateError(
+                f"{printable_path(self.path)} is not an indexing state of this tool (an SQLite database with "
+                f"the tables {listed}): it is left as it is, even by --rebuild; move it away or use another "
+                f"output name"
+            )
+
+    def _check_meta(self) -> None:
+        """Refuse, as damaged, a `meta` table whose values aren't what this
+        tool writes there (edited by hand, or by another program)."""
+        expected = {
+            "identity": lambda v: v is None or isinstance(v, dict),
+            "rebuild": lambda v: v in _REBUILD_MARKS,
+            "written": lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("files"), list)),
+        }
+        for key, check in expected.items():
+            if not check(self.get(key)):
+                raise self.damaged(f"its record of {key} is not what this tool writes")
+
+    def damaged(self, why: str) -> DamagedStateError:
+        """The error for a state whose content is damaged: `why`, and what to do."""
+        return DamagedStateError(f"indexing state {printable_path(self.path)} is damaged ({why}); run again with "
+                                 f"--rebuild to start it afresh (the features file is kept until the new one "
+                                 f"is complete)")
 
     def close(self) -> None:
         self._db.close()
@@ -207,9 +269,18 @@ class StateDatabase:
             self._db.executemany(sql, rows)
 
     def get(self, key: str):
-        """A value of the `meta` table, or None."""
+        """A value of the `meta` table, or None.
+
+        Raises:
+            DamagedStateError: the value is not JSON (edited by hand).
+        """
         row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        if row is None:
+            return None
+        try:
+            return json.loads(row[0])
+        except (TypeError, ValueError):
+            raise self.damaged(f"its record of {key} is not valid JSON") from None
 
     def set(self, key: str, value) -> None:
         """Set (value None: delete) a value of the `meta` table."""

@@ -52,13 +52,22 @@ class Whitening:
             seed: int = 0) -> "Whitening":
         """Learn from `vectors` (n, dim); keep `dims` components (at most
         n - 1). `shrinkage` (a fraction of the mean eigenvalue) is added to
-        every eigenvalue, so near-empty directions aren't blown up."""
+        every eigenvalue, so near-empty directions aren't blown up.
+
+        Vectors that are all the same give a whitening that keeps no
+        component (`learned` is False: there is nothing to whiten).
+
+        Raises:
+            ValueError: fewer than 2 vectors.
+        """
         vectors = _sample(np.asarray(vectors, dtype=np.float32), FIT_SAMPLE_ROWS, seed)
         if len(vectors) < 2:
             raise ValueError("whitening needs at least 2 vectors")
         mean = vectors.mean(axis=0, dtype=np.float64)
         eigenvalues, eigenvectors = _principal_axes(vectors.astype(np.float64) - mean)
-        rank = int(np.sum(eigenvalues > eigenvalues[0] * 1e-9))
+        rank = int(np.sum(eigenvalues > eigenvalues[0] * 1e-9)) if eigenvalues[0] > 0 else 0
+        if rank == 0:  # every vector the same: no direction to whiten (see `learned`)
+            return cls(mean.astype(np.float32), np.zeros((vectors.shape[1], 0), np.float32))
         keep = min(rank, len(vectors) - 1, dims or rank)
         floor = shrinkage * float(eigenvalues[:rank].mean())
         scale = 1.0 / np.sqrt(eigenvalues[:keep] + floor)
@@ -68,6 +77,12 @@ class Whitening:
     @property
     def dims(self) -> int:
         return int(self.projection.shape[1])
+
+    @property
+    def learned(self) -> bool:
+        """Whether anything was learned: vectors that are all the same (or
+        one vector) have no direction to whiten, and `fit` keeps none."""
+        return self.dims > 0
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
         """Whitened, L2-normalised vectors: (n, dim) -> (n, k)."""

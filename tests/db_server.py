@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -58,13 +59,20 @@ def process_alive(pid: int | None) -> bool:
     return state != "Z"  # a zombie has exited; only its parent hasn't collected it yet
 
 
+def new_folder_name(prefix: str = "search-pg-") -> str:
+    """A name for a folder `local_server.start` creates itself, under the
+    system's temporary folder (as root, the server's user must reach it:
+    pytest's own tmp folders are private, and a folder that exists keeps
+    its owner)."""
+    return os.path.join(tempfile.gettempdir(), f"{prefix}{secrets.token_hex(6)}")
+
+
 @contextlib.contextmanager
 def running_database():
-    """A server in a new folder under the system's temporary folder (as root,
-    the server's user must reach it: pytest's own tmp folders are private);
-    stopped, checked gone, and removed on exit."""
+    """A server in a new folder (`new_folder_name`); stopped, checked gone,
+    and removed on exit."""
 
-    data_dir = tempfile.mkdtemp(prefix="search-pg-")
+    data_dir = new_folder_name()
     server = None
     try:
         server = DatabaseServer(local_server.start(data_dir), data_dir)
@@ -82,4 +90,5 @@ def db_server_fixture():
         yield server
 
 
-__all__ = ["DatabaseServer", "closed_port", "db_server_fixture", "process_alive", "running_database"]
+__all__ = ["DatabaseServer", "closed_port", "db_server_fixture", "new_folder_name", "process_alive",
+           "running_database"]

@@ -38,12 +38,15 @@ def index_icons(folder: Path, count: int = 60, features: str = "features.csv") -
 
 
 class Server:
-    """search_server.py in a subprocess; `url` once it listens."""
+    """search_server.py in a subprocess; `url` once it listens. `preexec_fn`:
+    run in the child before it starts (conftest.permission_runner's, to obey
+    file permissions even as root)."""
 
-    def __init__(self, features: Path, *args: str, cwd: Path, env: dict | None = None):
+    def __init__(self, features: Path, *args: str, cwd: Path, env: dict | None = None, preexec_fn=None):
         self.process = subprocess.Popen(
             [sys.executable, str(REPO / "search_server.py"), "--featuresPath", str(features), "--port", "0", *args],
-            cwd=cwd, env=env or offline_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=cwd, env=env or offline_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=preexec_fn)
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -68,6 +71,11 @@ class Server:
             if found:
                 return found.group(1)
         raise AssertionError(f"the server did not start: {''.join(self.stderr)}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").rstrip("/").split(":")
+        return host, int(port)
 
     def get_json(self, path: str) -> dict:
         with _no_proxy().open(self.url + path.lstrip("/"), timeout=60) as response:
@@ -100,8 +108,8 @@ def _no_proxy() -> urllib.request.OpenerDirector:
 
 
 @contextlib.contextmanager
-def running_server(features: Path, *args: str, cwd: Path, env: dict | None = None):
-    server = Server(features, *args, cwd=cwd, env=env)
+def running_server(features: Path, *args: str, cwd: Path, env: dict | None = None, preexec_fn=None):
+    server = Server(features, *args, cwd=cwd, env=env, preexec_fn=preexec_fn)
     try:
         yield server
     finally:

@@ -107,6 +107,68 @@ def test_unreadable_index_is_a_one_line_error_and_never_used(collection, tmp_pat
         ann.AnnIndex.load(str(path))
 
 
+def rewrite_header(path, change) -> None:
+    """Edit the JSON header of an index file in place, as a hand or a bad
+    disk would: `change(header)` edits the dict; the trailer is kept right."""
+    data = path.read_bytes()
+    header_bytes, array_bytes, magic = ann._TRAILER.unpack(data[-ann._TRAILER.size:])
+    start = len(data) - ann._TRAILER.size - array_bytes - header_bytes
+    header = json.loads(data[start:start + header_bytes])
+    change(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(data[:start] + text + data[start + header_bytes:-ann._TRAILER.size]
+                     + ann._TRAILER.pack(len(text), array_bytes, magic))
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h.pop("fingerprint"),
+    lambda h: h.update(reduced="x"),
+    lambda h: h.update(dim=None),
+    lambda h: h.update(params=[]),
+    lambda h: h["params"].pop("probes"),
+    lambda h: h.update(fingerprint="stale"),
+], ids=["no fingerprint", "reduced not a number", "dim null", "params not an object", "no probes",
+        "fingerprint not an object"])
+def test_a_malformed_header_is_a_damaged_index_never_used(tmp_path, change):
+    features_path = tmp_path / "f.h5"
+    store = write_store(features_path, clustered_features(64, 16))
+    index = ann.build_index(store.features, ann.fingerprint(str(features_path), store.features), reduced=8)
+    path = tmp_path / "f.h5.ann"
+    index.save(str(path))
+    assert ann.fresh_index(str(features_path), store.features) is not None  # as built: used
+    rewrite_header(path, change)
+    notes = []
+    assert ann.fresh_index(str(features_path), store.features, note=notes.append) is None
+    assert len(notes) == 1 and notes[0].startswith(f"note: damaged ANN index {path}: its header "), notes
+    assert notes[0].endswith("; searching exactly")
+
+
+def test_an_index_whose_parts_dont_fit_the_features_is_damaged(tmp_path):
+    """A header edited to carry the right fingerprint over an index built
+    for other rows: refused, not searched (its row ids would not exist)."""
+    features_path = tmp_path / "f.h5"
+    store = write_store(features_path, clustered_features(64, 16))
+    other = ann.build_index(clustered_features(32, 16, seed=4), {}, reduced=8)
+    path = tmp_path / "f.h5.ann"
+    other.save(str(path))
+    rewrite_header(path, lambda h: h.update(fingerprint=ann.fingerprint(str(features_path), store.features)))
+    notes = []
+    assert ann.fresh_index(str(features_path), store.features, note=notes.append) is None
+    assert notes == [f"note: damaged ANN index {path}: its parts don't fit each other or the 64 x 16 features; "
+                     f"searching exactly"]
+
+
+def test_the_search_command_scans_exactly_past_a_malformed_header(tmp_path, indexed_collection):
+    features_path = tmp_path / "features.h5"
+    shutil.copy2(indexed_collection, features_path)
+    shutil.copy2(str(indexed_collection) + ".ann", str(features_path) + ".ann")
+    rewrite_header(tmp_path / "features.h5.ann", lambda h: h.pop("fingerprint"))
+    result, log = search_json(tmp_path, features_path)
+    assert f"note: damaged ANN index {features_path}.ann: its header has no fingerprint" in log
+    assert "approximate" not in log
+    assert result["results"][0]["path"] == "img/00042.png" and result["results"][0]["distance"] == 0
+
+
 def write_store(path, features: np.ndarray, model: str = "efficientnet_lite0") -> FeatureStore:
     store = FeatureStore([f"img/{i:05d}.png" for i in range(len(features))], features, {"model": model})
     save_features(str(path), store)
@@ -164,6 +226,9 @@ def indexed_collection(tmp_path_factory):
 
 
 def search_json(tmp_path, features_path, *extra):
+    query = tmp_path / "img" / "00042.png"  # the indexed path, relative to here: it must exist
+    query.parent.mkdir(exist_ok=True)
+    query.write_bytes(b"an image file")  # its stored features are reused: never decoded
     result = run_command("imagenet_search.py", "--query", "img/00042.png", "--featuresPath", features_path,
                          "--no-plot", "--json", "-n", "5", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

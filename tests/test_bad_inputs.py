@@ -416,11 +416,13 @@ def write_like_the_posts_script(path: Path, image_paths: list[str], dim: int = 2
 def test_a_file_from_the_posts_script_is_taken_for_resnet50_with_one_note(tmp_path):
     paths = [f"dataset/{i}.jpg" for i in range(4)]
     rows = write_like_the_posts_script(tmp_path / "index.csv", paths)
+    (tmp_path / "dataset").mkdir()
+    draw_picture(2, size=(32, 32)).save(tmp_path / "dataset/2.jpg")  # search takes a query that exists
     result = run_as_user(SEARCH, "--query", "dataset/2.jpg", "--featuresPath", "index.csv", "--json", "--no-plot",
                  "-n", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == [
-        "note: index.csv has no metadata file; took it for the post's resnet50 features"]
+    assert [line for line in result.stderr.splitlines() if line.startswith("note:")] == [
+        "note: index.csv has no metadata file; took it for the post's resnet50 features"]  # said once
     assert json.loads(result.stdout)["results"][0] == {"rank": 1, "distance": 0.0, "path": "dataset/2.jpg",
                                                         "copies": []}
     assert not (tmp_path / "index.csv.meta.json").exists()  # searching doesn't write beside it
@@ -495,7 +497,8 @@ def test_reducing_keeps_every_mode_meaningful(mode, monkeypatch):
 
 @pytest.mark.parametrize("name, reason", [(n, r) for n, (_, r) in BAD_MAKERS.items()])
 def test_load_image_says_why_for_each_bad_file(tmp_path, name, reason):
-    for made in {"loop_a.jpg": ["loop_a.jpg", "loop_b.jpg"], "loop_b.jpg": ["loop_a.jpg", "loop_b.jpg"]}.get(name, [name]):
+    loops = {"loop_a.jpg": ["loop_a.jpg", "loop_b.jpg"], "loop_b.jpg": ["loop_a.jpg", "loop_b.jpg"]}
+    for made in loops.get(name, [name]):
         BAD_MAKERS[made][0](tmp_path / made)
     with pytest.raises(ImageReadError, match=reason.replace("(", r"\(").replace(")", r"\)")) as caught:
         load_image(str(tmp_path / name))
@@ -514,7 +517,8 @@ def test_find_images_survives_link_loops_and_lists_awkward_names(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("a.png,1,2,3,4\nb.png,1,2,3\nc.png,1,2,3\n", "row 1 (a.png) has 4 values, expected 3"),  # the edited row, not row 2
+        # the edited row, not row 2
+        ("a.png,1,2,3,4\nb.png,1,2,3\nc.png,1,2,3\n", "row 1 (a.png) has 4 values, expected 3"),
         ("a.png,1,2,3\nb.png,1,2,3\nc.png,1,2\n", "row 3 (c.png) has 2 values, expected 3"),
         ('a.png,1,2\n"b\nc.png,1', "row 2 is cut off or badly quoted"),
         ("a.png,1,,3\n", "row 1, column 3 is empty"),
@@ -550,3 +554,17 @@ def test_any_decoder_failure_costs_one_file_not_the_run(tmp_path, monkeypatch, f
     monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
     with pytest.raises(ImageReadError, match=reason.replace("(", r"\(")):
         load_image(str(tmp_path / "ok.png"))
+
+
+@pytest.mark.parametrize("command, make", [
+    (CONVERT, lambda p: draw_picture(5).save(p, format="PNG")),
+    (EVALUATE, lambda p: p.write_bytes(b"SQLite format 3\0" + bytes(range(256)) * 16)),
+], ids=["picture-to-convert", "database-to-evaluate"])
+def test_a_file_that_is_not_a_features_file_is_one_short_line(tmp_path, command, make):
+    """Not a "row 4 (IHDR\\x00...) has 1 values, expected 0" of 500
+    characters of escaped binary: what the file is, in one short line."""
+    make(tmp_path / "thing.bin")
+    args = ["thing.bin", "out.h5"] if command == CONVERT else ["thing.bin"]
+    result = run_as_user(command, *args, cwd=tmp_path)
+    assert_one_line_error(result, "thing.bin is not a features file (binary data, neither the CSV nor the HDF5 format)")
+    assert len(result.stderr) < 150 and not (tmp_path / "out.h5").exists()

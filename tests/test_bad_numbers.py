@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, permission_runner, run_as_user, run_command
+from conftest import assert_one_line_error, draw_picture, permission_runner, run_as_user, run_command
 from search_utils import ann, modes
 from search_utils import search as S
 from search_utils import store as St
@@ -51,6 +51,9 @@ def write(path, feats, metadata=MODEL, whitened=False, paths=None):
 
 def search(cwd, features_file, *args, query=None):
     query = query or image_paths(1)[0]
+    if not (cwd / query).exists():  # search takes a query that exists (its stored row is reused)
+        (cwd / query).parent.mkdir(parents=True, exist_ok=True)
+        draw_picture(1, size=(32, 32)).save(cwd / query, format="PNG")
     return run_command(SEARCH, "--query", query, "--featuresPath", features_file, "--no-plot", *args, cwd=cwd)
 
 

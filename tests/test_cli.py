@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import AWKWARD_NAME, assert_one_line_error, draw_picture, make_dataset, run_command
+from conftest import AWKWARD_NAME, assert_one_line_error, draw_picture, make_dataset, offline_env, run_command
 from search_utils.plot import figure_size_pixels
 from search_utils.store import load_features
 
@@ -256,7 +256,6 @@ def test_sigterm_stops_cleanly_and_keeps_the_earlier_file(tmp_path):
     batches of 2 (tests/gated_indexer.py), so the signal lands mid-run."""
     import signal
 
-    from conftest import offline_env
     from gated_indexer import GatedRun
 
     folder = tmp_path / "many"
@@ -278,3 +277,52 @@ def test_sigterm_stops_cleanly_and_keeps_the_earlier_file(tmp_path):
     assert output.read_text() == "earlier,1.0\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".f.csv")) == []  # no temp left
     assert not (tmp_path / "f.csv.lock").exists()
+
+
+# Put on PYTHONPATH, Python imports it at start-up: it holds the first import
+# of numpy (each command's first heavy import) until the test says go.
+IMPORT_GATE = '''
+import importlib.abc, os, sys, time
+
+class HoldNumpy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            open(os.path.join(os.environ["GATE_DIR"], "importing"), "w").close()
+            while not os.path.exists(os.path.join(os.environ["GATE_DIR"], "go")):
+                time.sleep(0.01)
+        return None
+
+sys.meta_path.insert(0, HoldNumpy())
+'''
+
+
+@pytest.mark.parametrize("script", [INDEX, SEARCH, "evaluate.py", "convert_features.py", "search_server.py"])
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_a_command_imports_is_one_line(tmp_path, script, signum):
+    """Ctrl-C or `kill` in the first second or two, while the command imports
+    numpy and the rest: one line and 130, like an interrupt later on (it was
+    a traceback through the imports, or a silent death by SIGTERM)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "sitecustomize.py").write_text(IMPORT_GATE)
+    env = offline_env(tmp_path)
+    env.update(PYTHONPATH=f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}", GATE_DIR=str(tmp_path))
+    run = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), script),
+                            "--help"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "importing").exists():
+            assert run.poll() is None, run.stderr.read()
+            assert time.monotonic() < deadline, "the command never imported numpy"
+            time.sleep(0.01)
+        run.send_signal(getattr(signal, signum))
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130, stderr
+    assert stderr.splitlines() == [f"{script}: error: interrupted while starting; nothing was written"]
+    assert stdout == ""

@@ -32,8 +32,8 @@ def features(tmp_path):
 
 def write_labels(folder, name="labels.csv"):
     folder.mkdir(exist_ok=True)
-    rows = ["path,label,vendor"] + [f"../imgs/{p.split('/')[1]}/{p.split('/')[2]},{p.split('/')[1]},{p.split('/')[2][0]}"
-                                    for p in ROWS]
+    rows = ["path,label,vendor"] + [
+        f"../imgs/{p.split('/')[1]}/{p.split('/')[2]},{p.split('/')[1]},{p.split('/')[2][0]}" for p in ROWS]
     (folder / name).write_text("\n".join(rows) + "\n")
     return folder / name
 
@@ -95,3 +95,44 @@ def test_errors_are_one_line(features, args, fragment):
     if not (features / "fifo.csv").exists():
         os.mkfifo(features / "fifo.csv")  # opening it would block for ever
     assert_one_line_error(run_command(EVALUATE, *args, cwd=features), fragment)
+
+
+def test_a_labels_file_saved_by_excel_with_a_byte_order_mark_is_read(features):
+    labels = write_labels(features / "meta")
+    labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())  # Excel's "CSV UTF-8"
+    got = run_json(features, "f.csv", "--labels", labels, "--group", "vendor", "--metric", "euclidean")
+    assert got == {"P@1": 0.5, "mAP": 0.75, "R@5": 1.0, "R@10": 1.0, "queries": 4}
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("dup.csv", "path,label\nimgs/cat/a.png,cat\nimgs/cat/b.png,cat\nimgs/cat/a.png,dog\n",
+     "labels file dup.csv: line 4 gives imgs/cat/a.png the label 'dog', line 2 gave it 'cat'; keep one"),
+    ("empty.csv", "path,label\nimgs/cat/a.png,cat\nimgs/cat/b.png,\n",
+     "labels file empty.csv: line 3 has an empty label"),
+    ("quote.csv", 'path,label\n"imgs/cat/a.png,cat\nimgs/cat/b.png,cat\n',
+     "labels file quote.csv: line 3 is badly quoted"),
+    ("few.csv", "path,label\nimgs/cat/a.png\n", "labels file few.csv: line 2 has 1 field, the header 2 (path,label)"),
+    ("list.json", json.dumps([{"path": ["imgs/cat/a.png"], "label": "cat"}]),
+     "labels file list.json: record 1 has 'path' [\"imgs/cat/a.png\"], not a text"),
+    ("null.json", json.dumps([{"path": "imgs/cat/a.png", "label": None}]),
+     "labels file null.json: record 1 has an empty label"),
+])
+def test_a_labels_file_that_is_wrong_names_the_line_or_record(features, name, text, fragment):
+    (features / name).write_text(text)
+    assert_one_line_error(run_command(EVALUATE, "f.csv", "--labels", name, cwd=features), fragment)
+
+
+def test_a_base_dir_that_is_not_a_folder_name_is_noted_not_a_crash(features):
+    meta = features / "f.csv.meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_dir": -1}))
+    write_labels(features, "labels.csv")  # in the current folder: relative paths resolve from here too
+    (features / "labels.csv").write_text((features / "labels.csv").read_text().replace("../", ""))
+    result = run_command(EVALUATE, "f.csv", "--labels", "labels.csv", "--json", "--metric", "euclidean", cwd=features)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["queries"] == 4
+    assert result.stderr.splitlines()[0] == ("note: the metadata of f.csv records base_dir -1, not a folder's absolute "
+                                             "path: its relative image paths are taken from the current folder")
+
+
+def test_file_names_in_errors_are_shown_on_one_line(features):
+    assert_one_line_error(run_command(EVALUATE, "no\nfile.csv", cwd=features), "features file not found: no\\nfile.csv")

@@ -245,6 +245,34 @@ def test_an_unreadable_metadata_file(searchable, reopen):
     assert says_permission_denied(line) and "Errno" not in line, line
 
 
+SIDECAR_FIFOS = {
+    # name: (the command and its arguments, the line it must say; None: it goes on as if the file were absent)
+    "f.csv.meta.json": ((SEARCH, "--query", "imgs/0.png", "--featuresPath", "f.csv", "--no-plot"),
+                        "cannot read metadata file f.csv.meta.json: not a regular file (a FIFO, socket or device)"),
+    "f.csv.whitening.npz": (("evaluate.py", "f.csv", "--metric", "whitened"),
+                            "cannot read whitening file f.csv.whitening.npz: not a regular file (a FIFO, socket or "
+                            "device)"),
+    "f.csv.meta.json.next": (("convert_features.py", "f.csv", "out.h5"), None),  # a publish that never happened
+    "f.csv.whitening.npz.next": (("evaluate.py", "f.csv", "--metric", "whitened"), None),
+}
+
+
+@pytest.mark.parametrize("name", list(SIDECAR_FIFOS))
+def test_a_fifo_named_like_a_sidecar_never_blocks_a_reader(searchable, name):
+    """Every file beside a features file is checked to be a regular file
+    before it is opened: opening a FIFO would block for ever."""
+    (command, *args), says = SIDECAR_FIFOS[name]
+    if (searchable / name).exists():
+        (searchable / name).unlink()
+    os.mkfifo(searchable / name)
+    result = run(command, *args, cwd=searchable, timeout=120)
+    if says is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 1
+        the_line(result, says)
+
+
 # ---------------------------------------------------------------- the results picture
 
 

@@ -180,7 +180,8 @@ def test_searches_succeed_while_reindexing_replaces_the_file(tmp_path):
                        cwd=tmp_path).returncode == 0
     script = ("import os, subprocess, sys\n"
               "for i in range(int(sys.argv[1])):\n"
-              "    os.replace('images/11.png', 'spare.png') if i % 2 == 0 else os.replace('spare.png', 'images/11.png')\n"
+              "    os.replace('images/11.png', 'spare.png') if i % 2 == 0 else "
+              "os.replace('spare.png', 'images/11.png')\n"
               "    subprocess.run([sys.executable, sys.argv[2], '--dataset', 'images', '--output', 'f.csv',"
               " '--model', 'efficientnet_lite0', '-q'], check=True)\n")
     indexer = subprocess.Popen([sys.executable, "-c", script, "2", str(REPO / "create_imagenet_features.py")],
@@ -198,3 +199,49 @@ def test_searches_succeed_while_reindexing_replaces_the_file(tmp_path):
         indexer.wait(600)
     assert indexer.returncode == 0, indexer.stderr.read()
     assert searches >= 3 and counts <= {11, 12}, (searches, counts)
+
+
+HELD_CONVERT = """
+import signal, sys
+sys.path.insert(0, sys.argv[1])
+sys.argv = ["convert_features.py", "f.csv", "out.h5"]
+import convert_features
+from search_utils import cli
+from search_utils.store import hdf5_format
+
+real = hdf5_format._write_rows
+
+def held(*args):
+    real(*args)
+    open("held", "w").close()  # the temporary file exists, part-written
+    signal.pause()
+
+hdf5_format._write_rows = held
+sys.exit(cli.run(convert_features.main))
+"""
+
+
+def test_a_temporary_file_left_by_a_killed_convert_is_removed_by_the_next_write(tmp_path):
+    """kill -9 leaves a write's temporary file (nothing can clean up);
+    the next write of the same file, by any command, removes it: nobody
+    holds its lock any more."""
+    St.save_features(str(tmp_path / "f.csv"), expected("A"))
+    St.save_features(str(tmp_path / "out.h5"), expected("B"))
+    before = (tmp_path / "out.h5").read_bytes()
+    writer = subprocess.Popen([sys.executable, "-c", HELD_CONVERT, str(REPO)], cwd=tmp_path,
+                              env=offline_env(tmp_path), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+        while not (tmp_path / "held").exists():
+            assert writer.poll() is None, writer.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.wait(60)
+    (left,) = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert left.startswith(".out.h5.") and (tmp_path / "out.h5").read_bytes() == before
+    result = run_command("convert_features.py", "f.csv", "out.h5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert St.load_features(str(tmp_path / "out.h5")).paths == expected("A").paths

@@ -241,11 +241,13 @@ def test_a_deleted_features_file_is_written_again_without_the_model(work, capsys
 def test_leftovers_of_a_killed_write_are_cleaned_up(work, capsys, builds):
     pictures(work / "images", range(2))
     index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
-    for name in (".f.csv.k1l2.tmp", ".f.csv.meta.json.x9.tmp"):  # as atomic writes name them
-        (work / name).write_text("half written")
-    (work / ".g.csv.x.tmp").write_text("another file's")
+    for name in (".f.csv.k1l2m3n4.tmp", ".f.csv.meta.json.x9y8z7w6.tmp"):  # as atomic writes name them
+        (work / name).write_text("half written")  # by a writer killed -9: nobody holds their lock
+    for name in (".g.csv.abcdefgh.tmp", ".f.csv.my-notes.tmp"):  # another file's; not a temporary name
+        (work / name).write_text("someone else's")
     index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
-    assert sorted(p.name for p in work.iterdir() if p.name.endswith(".tmp")) == [".g.csv.x.tmp"]
+    assert sorted(p.name for p in work.iterdir() if p.name.endswith(".tmp")) == [
+        ".f.csv.my-notes.tmp", ".g.csv.abcdefgh.tmp"]
 
 
 def test_another_model_is_refused_with_one_line(work, capsys, builds, random_weights_file):
@@ -367,6 +369,9 @@ def test_a_subfolder_that_cant_be_listed_keeps_its_rows(work, builds, capsys, mo
     instead of counting as removed; once it is back, nothing is re-embedded."""
     pictures(work / "ds", [1, 2])
     pictures(work / "ds" / "sub", [3, 4])
+    for name in ("notes.png", "readme.jpg"):  # not images: recorded as unreadable, with no row to keep
+        (work / "ds" / "sub" / name).write_text("not an image\n")
+    make_old(work / "ds")
     index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
     before = load_features("f.csv")
     real_listing = create_imagenet_features.list_dataset
@@ -379,6 +384,7 @@ def test_a_subfolder_that_cant_be_listed_keeps_its_rows(work, builds, capsys, mo
     err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
     assert "ds/sub: folder can't be listed" in err
     assert "kept the 2 images recorded under folders that can't be listed now" in err
+    assert "notes.png" not in err and "readme.jpg" not in err  # not listed now: not reported either
     assert counts(err)[3] == 0  # nothing removed
     kept = load_features("f.csv")
     assert kept.paths == before.paths
@@ -386,7 +392,7 @@ def test_a_subfolder_that_cant_be_listed_keeps_its_rows(work, builds, capsys, mo
 
     monkeypatch.setattr(create_imagenet_features, "list_dataset", real_listing)
     err = index(capsys, "--dataset", "ds", "--output", "f.csv", *LITE)
-    assert counts(err) == (0, 0, 0, 0, 4, 0) and embedded(err) == 0
+    assert counts(err) == (0, 0, 0, 0, 6, 2) and embedded(err) == 0
 
 
 def test_hidden_folders_are_skipped_unless_asked(work, capsys, builds):

@@ -22,6 +22,7 @@ failed writes.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import sqlite3
@@ -74,7 +75,8 @@ def files_in(folder: Path) -> dict[str, tuple[bytes, int, int]]:
         if rel.parts[0] in ("gate", "keras_home") or path.is_dir():
             continue
         info = path.stat()
-        found[str(rel)] = (path.read_bytes(), info.st_mtime_ns, info.st_mode)
+        content = path.read_bytes() if path.is_file() else None  # reading a FIFO would block
+        found[str(rel)] = (content, info.st_mtime_ns, info.st_mode)
     return found
 
 
@@ -447,3 +449,195 @@ def test_only_a_state_without_features_is_discarded(tmp_path):
     assert not catalog.discard_if_empty(with_features) and catalog.count_checkpointed(with_features) == 1
     assert catalog.discard_if_empty(empty) and not catalog.state_exists(empty)
     assert not catalog.discard_if_empty(damaged) and catalog.state_exists(damaged)  # can't tell: kept
+
+
+# -- 7. files in the way that are not this tool's, or not files ---------------------
+
+
+def run_refused(work: Path, *args) -> subprocess.CompletedProcess:
+    """The command as a user runs it (resnet50: a run that got as far as
+    the model would end with its download error instead); a run that
+    blocks fails the test instead of hanging the suite."""
+    return subprocess.run([sys.executable, str(REPO / INDEX), "--dataset", "images", *map(str, args)], cwd=work,
+                          env=offline_env(work), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("f.csv.meta.json.next", "cannot write f.csv.meta.json.next: not a regular file (a FIFO, socket or device)"),
+    ("f.csv.state.sqlite-journal", "cannot write indexing state f.csv.state.sqlite-journal: not a regular file"),
+    ("f.csv.whitening.npz", "cannot write f.csv.whitening.npz: not a regular file"),
+    ("f.csv.lock", "cannot write lock file f.csv.lock: not a regular file"),
+])
+def test_a_fifo_named_like_a_file_of_the_run_is_refused_without_blocking(work, name, fragment):
+    """Opening a FIFO blocks until someone writes into it: the run (or
+    SQLite, deaf to SIGTERM) would hang for ever. It is refused first."""
+    pictures(work / "images", range(2))
+    os.mkfifo(work / name)
+    before = files_in(work)
+    result = run_refused(work, "--output", "f.csv")
+    assert_one_line_error(result, fragment)
+    assert result.returncode == 1
+    assert files_in(work) == before and stat_is_fifo(work / name)
+
+
+def stat_is_fifo(path: Path) -> bool:
+    import stat
+
+    return stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+@pytest.mark.parametrize("output, arrange, why, options", [
+    ("labels.csv", lambda p: p.write_text("path,label\nimages/0.png,cat\n"),
+     "its first row (path,label) is not an image path followed by numbers", []),
+    ("notes.h5", lambda p: p.write_text("my notes\n"), "its first row (my notes) has no feature values after the path",
+     ["--rebuild"]),
+    ("picture.csv", lambda p: draw_picture(3, size=(64, 48)).save(p, format="PNG"),
+     "binary data, neither the CSV nor the HDF5 format", []),
+], ids=["labels", "text-named-h5-with-rebuild", "picture"])
+def test_an_existing_file_that_is_not_a_features_file_is_never_replaced(work, output, arrange, why, options):
+    pictures(work / "images", range(2))
+    arrange(work / output)
+    before = files_in(work)
+    result = run_refused(work, "--output", output, *options)
+    assert_one_line_error(result, f"cannot write features file {output}: it exists and is not a features file "
+                                  f"({why}); only a features file is replaced")
+    assert files_in(work) == before  # no lock, no state: the user's file is as it was
+
+
+def test_a_name_too_long_for_the_files_beside_it_is_refused_before_the_model_loads(work, capsys, builds):
+    """The state's journal adds 21 bytes to the output's name: with them the
+    name must fit the file system's limit (255). Temporary files are named
+    to fit, so a name as long as that allows is written in full."""
+    pictures(work / "images", range(3))  # 3: a whitening is stored too
+    longest = "c" * 230 + ".csv"  # 234 bytes: + ".state.sqlite-journal" = 255
+    too_long = "c" * 236 + ".csv"
+    before = files_in(work)
+    result = run_refused(work, "--output", too_long)
+    assert_one_line_error(result, "its name is too long: the indexing state's journal, named like it with "
+                                  "'.state.sqlite-journal' added, would be 261 bytes, over the 255 the file system "
+                                  "allows; use a name of at most 234 bytes")
+    assert files_in(work) == before
+    index(capsys, "--dataset", "images", "--output", longest, *LITE)
+    assert len(load_features(longest)) == 3 and load_features(longest).whitening_arrays is not None
+    assert not [p for p in work.iterdir() if p.name.endswith((".tmp", ".next"))]
+
+
+def test_another_programs_database_at_the_state_is_never_changed(work, builds):
+    pictures(work / "images", range(2))
+    path = Path(catalog.state_path("f.csv"))
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (text)")
+        db.execute("INSERT INTO notes VALUES ('mine')")
+    db.close()
+    before = files_in(work)
+    for options in ([], ["--rebuild"]):
+        with pytest.raises(catalog.ForeignStateError,
+                           match=r"f.csv.state.sqlite is not an indexing state of this tool \(an SQLite database "
+                                 r"with the tables notes\): it is left as it is, even by --rebuild"):
+            create_imagenet_features.main(["--dataset", "images", "--output", "f.csv", *LITE, "-q", *options])
+        assert files_in(work) == before and builds == []
+
+
+def test_an_empty_state_is_no_state_and_the_features_file_keeps_its_model(work, builds):
+    """A 0-byte state records nothing: the features file's own metadata
+    decides, as when there is no state at all."""
+    from search_utils.errors import ModelMismatchError
+    from search_utils.store import FeatureStore, save_features
+
+    pictures(work / "images", range(2))
+    save_features("f.csv", FeatureStore(["images/0.png"], np.ones((1, 1280), np.float32),
+                                        {"model": "efficientnetv2_b0"}))
+    Path(catalog.state_path("f.csv")).write_bytes(b"")
+    before = files_in(work)
+    with pytest.raises(ModelMismatchError, match="made with efficientnetv2_b0, this run would make "
+                                                 "efficientnet_lite0 ones"):
+        create_imagenet_features.main(["--dataset", "images", "--output", "f.csv", *LITE, "-q"])
+    assert files_in(work) == before and builds == []
+
+
+def _garble_meta(output: str) -> None:
+    with sqlite3.connect(catalog.state_path(output)) as db:
+        db.execute("UPDATE meta SET value = '{garbage'")
+    db.close()
+
+
+def _bad_value(value: float):
+    def damage(output: str) -> None:
+        with sqlite3.connect(catalog.state_path(output)) as db:
+            digest, blob = db.execute("SELECT hash, features FROM contents WHERE features IS NOT NULL "
+                                      "ORDER BY hash LIMIT 1").fetchone()
+            vector = np.frombuffer(blob, "<f4").copy()
+            vector[6] = value
+            db.execute("UPDATE contents SET features = ? WHERE hash = ?", (vector.tobytes(), digest))
+        db.close()
+        os.unlink(output)  # written again from the state: its rows are read
+    return damage
+
+
+@pytest.mark.parametrize("damage, says", [
+    (_garble_meta, r"is damaged \(its record of schema is not valid JSON\)"),
+    (_bad_value(np.nan), r"value 7 of 1280 stored for images/\d.png is nan, not a finite number"),
+    (_bad_value(1e30), r"value 7 of 1280 stored for images/\d.png is 1e\+30, beyond any model's values"),
+], ids=["meta-not-json", "nan", "1e30"])
+def test_damaged_content_in_the_state_is_one_line_and_rebuild_starts_afresh(work, capsys, builds, damage, says):
+    """Features read back from the state are checked as a features file's
+    are, before anything is written; --rebuild gets past any of it."""
+    pictures(work / "images", range(3))
+    index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
+    damage("f.csv")
+    before = features_files(work)
+    with pytest.raises(DamagedStateError, match=says + r".*run again with --rebuild"):
+        create_imagenet_features.main(["--dataset", "images", "--output", "f.csv", *LITE, "-q"])
+    assert features_files(work) == before
+    stderr = index(capsys, "--dataset", "images", "--output", "f.csv", *LITE, "--rebuild")
+    assert counts(stderr) == (3, 0, 0, 0, 0, 0)
+    assert_same_features(work / "f.csv", clean_run(capsys))
+
+
+def test_a_full_disk_while_writing_the_ann_index_names_it_and_says_the_features_are_written(work, capsys, builds):
+    pictures(work / "images", range(16))  # the fewest rows an index is built for
+    index(capsys, "--dataset", "images", "--output", "f.csv", *LITE)
+    features_file = features_files(work)
+    room = max(path.stat().st_size for path in work.iterdir() if path.is_file()) + 100_000  # not the index's 1 MB
+    result = run_with_file_size_limit(room, "--dataset", "images", "--output", "f.csv", *LITE, "-q",
+                                      "--ann-threshold", "1", cwd=work)  # nothing to embed: no model
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{INDEX}: error: the features file f.csv is written, but its approximate-search index f.csv.ann could "
+        f"not be (File too large): searches scan every row until it is; free some space and run the same "
+        f"command again")
+    assert features_files(work) == features_file
+    assert not [p.name for p in work.iterdir() if p.name.endswith((".ann", ".tmp"))]
+
+
+def test_file_names_in_messages_are_shown_on_one_line(work, capsys, builds):
+    from search_utils.errors import FeaturesFileError
+    from search_utils.locking import OutputLockedError, exclusive_output
+
+    pictures(work / "images", range(1))
+    (work / "re").mkdir()
+    stderr = index(capsys, "--dataset", "images", "--output", "re/x\ny.csv", *LITE)
+    assert stderr.strip().splitlines()[-1].startswith("indexed 1 images with efficientnet_lite0 into re/x\\ny.csv: ")
+    for output, says in (("a\nb.txt", r"features file a\\nb.txt has extension '.txt'"),
+                         (os.fsdecode(b"caf\xe9.txt"), r"features file caf\\xe9.txt has extension"),
+                         ("no\ndir/a.csv", r"features file no\\ndir/a.csv: folder no\\ndir does not exist")):
+        with pytest.raises(FeaturesFileError, match=says):
+            create_imagenet_features.main(["--dataset", "images", "--output", output, *LITE, "-q"])
+    with exclusive_output("re/x\ny.csv"):
+        with pytest.raises(OutputLockedError, match=r"^re/x\\ny.csv is being written by process \d+;"):
+            create_imagenet_features.main(["--dataset", "images", "--output", "re/x\ny.csv", *LITE, "-q"])
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda w: (w / "weights").mkdir(), "weights file weights is a folder, not a weights file"),
+    (lambda w: os.mkfifo(w / "weights"), "weights file weights is not a regular file (a FIFO, socket or device)"),
+    (lambda w: None, "weights file not found: weights"),
+], ids=["folder", "fifo", "missing"])
+def test_a_weights_file_that_is_not_a_file_says_what_it_is(work, builds, make, says):
+    from search_utils.errors import WeightsUnavailableError
+
+    pictures(work / "images", range(1))
+    make(work)
+    with pytest.raises(WeightsUnavailableError, match=re.escape(says)):
+        create_imagenet_features.main(["--dataset", "images", "--output", "f.csv", "--weights", "weights", "-q"])
+    assert builds == []

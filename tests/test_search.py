@@ -59,6 +59,15 @@ def test_cosine_of_zero_vector_is_one():
     np.testing.assert_allclose(S.distances(feats, np.array([1.0, 0.0]), "cosine"), [1.0, 0.0])
 
 
+def test_cosine_of_a_zero_vector_to_itself_is_zero():
+    """A zero vector is as near as can be to another zero vector (itself),
+    and as far as can be from any other vector."""
+    feats = np.array([[0, 0, 0], [1, 0, 2], [0, 0, 0]], np.float32)
+    np.testing.assert_array_equal(S.distances(feats, np.zeros(3, np.float32), "cosine"), [0.0, 1.0, 0.0])
+    hits = S.nearest(feats, ["zero", "other", "zero again"], np.zeros(3), n=3, metric="cosine")
+    assert [(h.path, h.distance) for h in hits] == [("zero", 0.0), ("zero again", 0.0), ("other", 1.0)]
+
+
 def test_distances_refuse_unknown_metric_and_wrong_dimension(features):
     with pytest.raises(ValueError, match="unknown metric"):
         S.distances(features, features[0], "manhattan")

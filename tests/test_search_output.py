@@ -53,6 +53,11 @@ def search(cwd, *args, query=None, features=None, env=None):
                        cwd=cwd, env=env)
 
 
+def reused(features="f.csv") -> str:
+    """The line that says a stored query's features were reused."""
+    return f"reused the query's stored features: it is indexed in {features}"
+
+
 def needs_permissions():
     _, why_not = permission_runner()
     if why_not:
@@ -67,14 +72,11 @@ def needs_permissions():
     [
         ("missing/r.png", "folder missing does not exist"),
         ("notes.txt/r.png", "notes.txt is a file, not a folder"),
-        ("imgs", "imgs is a folder; name a file in it, e.g. imgs/search_results.png"),
-        ("taken", "cannot write the picture taken.png: it is a folder"),  # .png appended names a folder
-        ("a" * 245 + ".png", "its name is too long for the file system"),  # 249 bytes, but its temporary name isn't
+        ("a" * 252 + ".png", "its name is too long for the file system (256 bytes)"),  # 255 is the limit
     ],
 )
 def test_unwritable_picture_is_refused_before_the_search(work, target, fragment):
     (work / "notes.txt").write_text("a file where a folder should be")
-    (work / "taken.png").mkdir(exist_ok=True)
     # The features file doesn't exist: only a check made before loading it can speak.
     result = search(work, "--save", target, features="no such features.csv")
     assert_one_line_error(result, fragment)
@@ -87,9 +89,13 @@ def test_unwritable_picture_is_refused_before_the_search(work, target, fragment)
         ("", "argument --save: the picture's file name is empty"),
         ("name.xyz", "argument --save: name.xyz: matplotlib cannot write .xyz pictures (it can write: "),
         ("out/", "argument --save: out/ names a folder, not a file"),
+        # An existing folder is as much a wrong --save as a name ending in a slash (it was exit 1).
+        ("imgs", "argument --save: imgs is a folder; name a file in it, e.g. imgs/search_results.png"),
+        ("taken", "argument --save: taken.png (.png appended: the name has no extension) is a folder; name a file"),
     ],
 )
 def test_a_picture_name_that_can_never_work_is_a_usage_error(work, target, fragment):
+    (work / "taken.png").mkdir(exist_ok=True)
     result = search(work, "--save", target, features="no such features.csv")
     assert_one_line_error(result, fragment)
     assert result.returncode == 2 and result.stdout == ""
@@ -133,8 +139,11 @@ def test_a_failing_write_is_one_line_and_keeps_the_earlier_picture(work, tmp_pat
         cwd=work, env=offline_env(work), capture_output=True, text=True, timeout=600, preexec_fn=small_files,
         check=False,
     )
-    assert_one_line_error(result, f"cannot write the picture {old}: file too large; an earlier file there is as it was")
-    assert result.stdout.splitlines()[1].split()[2] == "imgs/b.png"  # the search itself was done
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [  # the search itself was done, then the picture failed
+        reused(),
+        f"{SEARCH}: error: cannot write the picture {old}: file too large; an earlier file there is as it was"]
+    assert result.stdout.splitlines()[1].split()[2] == "imgs/b.png"
     assert old.read_bytes() == before
     assert os.listdir(tmp_path) == ["old.png"]  # no temporary file left
 
@@ -171,8 +180,8 @@ def test_save_and_no_plot_together_are_refused(work):
 def test_a_name_without_extension_gets_png_and_the_message_says_so(work, tmp_path):
     result = search(work, "--save", tmp_path / "r")
     assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == (f"saved the results picture to {tmp_path / 'r.png'} "
-                                     f"(.png appended: --save had no extension)")
+    assert result.stderr.splitlines() == [reused(), f"saved the results picture to {tmp_path / 'r.png'} "
+                                                    f"(.png appended: --save had no extension)"]
     assert os.listdir(tmp_path) == ["r.png"]
     assert Image.open(tmp_path / "r.png").format == "PNG"
 
@@ -183,7 +192,7 @@ def test_saving_replaces_an_earlier_picture_whole(work, tmp_path):
     picture.chmod(0o640)
     result = search(work, "--save", picture, "-n", "2")
     assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == f"saved the results picture to {picture}"
+    assert result.stderr.splitlines() == [reused(), f"saved the results picture to {picture}"]
     assert Image.open(picture).format == "JPEG"
     assert Image.open(picture).size == plot.figure_size_pixels(2)
     assert picture.stat().st_mode & 0o777 == 0o640  # kept its permissions
@@ -205,7 +214,7 @@ def test_awkward_picture_names_are_written_and_named_on_one_line(work, tmp_path,
                          cwd=work)
     assert result.returncode == 0, result.stderr
     shown = name.replace("\n", "\\n").replace("\udce9", "\\xe9")
-    assert result.stderr.splitlines() == [f"saved the results picture to {tmp_path}/{shown}"]
+    assert result.stderr.splitlines() == [reused(), f"saved the results picture to {tmp_path}/{shown}"]
     assert Image.open(tmp_path / name).format == "PNG"
 
 
@@ -213,7 +222,7 @@ def test_json_writes_no_picture_unless_asked(work, tmp_path):
     result = search(tmp_path, "--json", features=work / "f.csv", query=work / "imgs" / "b.png")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["results"][0]["distance"] == 0.0
-    assert result.stderr == "" and os.listdir(tmp_path) == []
+    assert result.stderr.splitlines() == [reused(work / "f.csv")] and os.listdir(tmp_path) == []
     saved = search(tmp_path, "--json", "--save", "j.png", features=work / "f.csv", query=work / "imgs" / "b.png")
     assert saved.returncode == 0, saved.stderr
     assert json.loads(saved.stdout)["results"][0]["distance"] == 0.0
@@ -225,7 +234,8 @@ def test_a_display_that_cant_be_opened_saves_the_picture_instead(work, tmp_path)
     env["DISPLAY"] = ":4242"  # no X server there
     result = search(tmp_path, features=work / "f.csv", query=work / "imgs" / "b.png", env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == "saved the results picture to search_results.png"  # no "cannot be shown" warning
+    assert result.stderr.splitlines() == [reused(work / "f.csv"),  # no "cannot be shown" warning
+                                          "saved the results picture to search_results.png"]
     assert Image.open(tmp_path / "search_results.png").size == plot.figure_size_pixels(5)
 
 
@@ -252,13 +262,14 @@ def test_more_results_than_images_says_so(work):
     result = search(work, "-n", "50", "--no-plot")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 1 + len(IMAGES)  # a.png and its copy are one result
-    assert result.stderr.strip() == ("note: 6 results, fewer than the 50 asked for: f.csv holds 7 images "
-                                     "(copies of one image count once)")
+    assert result.stderr.splitlines() == [reused(), "note: 6 results, fewer than the 50 asked for: f.csv holds 7 "
+                                                    "images (copies of one image count once)"]
 
 
 def test_the_picture_shows_at_most_a_readable_number_of_results(tmp_path):
     rows = np.random.default_rng(0).random((70, 2048)).astype(np.float32)  # no metadata: the post's resnet50
     (tmp_path / "many.csv").write_text("".join(f"p{i}.png," + ",".join(map(str, r)) + "\n" for i, r in enumerate(rows)))
+    draw_picture(0, size=(32, 32)).save(tmp_path / "p0.png")  # the query must exist
     result = run_command(SEARCH, "--query", "p0.png", "--featuresPath", "many.csv", "-n", "70", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 71

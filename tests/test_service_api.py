@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, draw_picture, run_command
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from served import ICONS
 
 from search_utils.errors import WeightsUnavailableError
@@ -156,6 +156,10 @@ def png_bytes(picture: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def bomb_png(side: int = 15000) -> bytes:
     """A valid 1-bit PNG of side x side pixels (all black), written row by
     row: its header declares more pixels than Pillow's decompression-bomb
@@ -163,12 +167,21 @@ def bomb_png(side: int = 15000) -> bytes:
     row = b"\x00" + bytes((side + 7) // 8)  # filter byte, then the packed bits
     packer = zlib.compressobj(9)
     data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def png_with(chunk: bytes, before: bytes = b"IDAT") -> bytes:
+    """A real small PNG with `chunk` (whole, as png_chunk makes it) inserted before its first `before` chunk."""
+    png = png_bytes(draw_picture(9, size=(32, 32)))
+    at = png.index(before) - 4
+    return png[:at] + chunk + png[at:]
+
+
+def saved(picture: Image.Image, kind: str) -> bytes:
+    out = io.BytesIO()
+    picture.save(out, kind)
+    return out.getvalue()
 
 
 def search_ids(response) -> list[int]:
@@ -318,8 +331,44 @@ def test_an_id_not_in_the_index_is_404(client, collection):
     assert f"0 to {count - 1}" in body["error"]
     assert_error(client.get(f"/api/images/{count}"), 404)
     assert_error(client.get(f"/api/thumbnails/{count}"), 404)
-    assert_error(client.get("/api/images/-1"), 404)
     assert_error(client.get("/api/nothing-here"), 404, "/api/nothing-here")
+
+
+@pytest.mark.parametrize("url", ["/api/images/%201", "/api/images/+1", "/api/images/1_0", "/api/images/-1",
+                                 "/api/images/1.0", "/api/thumbnails/+1", "/api/thumbnails/1%20",
+                                 "/api/search?id=1.0", "/api/search?id=%2B1", "/api/search?id=1_0",
+                                 "/api/search?id=%201", "/api/search?id=1e0", "/api/search?id=" + "1" * 30])
+def test_row_ids_are_plain_decimal_digits(client, url):
+    assert_error(client.get(url), 422, "id", "decimal digits")
+
+
+def test_a_row_id_with_leading_zeros_is_the_same_row(client, collection):
+    row = collection.ids[ICONS[1].name]
+    assert client.get(f"/api/images/0{row}").content == collection.file(ICONS[1].name).read_bytes()
+    assert client.get("/api/search", params={"id": f"00{row}"}).json()["query_id"] == row
+
+
+def test_an_upload_with_an_id_too_is_422(client, real_app, collection):
+    response = upload(client, real_app, collection.file(ICONS[1].name).read_bytes(), id=3)
+    assert_error(response, 422, "an image or an id, not both")
+
+
+def test_a_trailing_slash_is_404_never_a_redirect_to_the_requests_host(client):
+    for path in ("/api/health/", "/api/stats/", "/api/images/1/", "/api/search/"):
+        response = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+        assert_error(response, 404, path)
+        assert "location" not in response.headers
+
+
+@pytest.mark.parametrize("path", ["/", "/api/health", "/api/stats", "/api/sample?seed=3", "/api/search?id=2",
+                                  "/api/images/2", "/api/thumbnails/2", "/static/app.js", "/openapi.json",
+                                  "/api/images/9999", "/api/images/x"])
+def test_head_is_answered_wherever_get_is(client, path):
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code and head.content == b"" and get.content != b""
+    for name in ("content-type", "content-length", "etag", "cache-control", "x-content-type-options",
+                 "content-security-policy"):
+        assert head.headers.get(name) == get.headers.get(name), name
 
 
 # -- upload errors -----------------------------------------------------------------
@@ -336,6 +385,21 @@ def test_upload_without_the_image_field_or_empty_or_bad_multipart_is_400(client,
                           headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert_error(garbage, 400)
     assert os.listdir(real_app.state.uploads) == []
+
+
+def test_a_png_text_or_profile_chunk_that_inflates_to_50_mb_is_413(client, real_app):
+    """zTXt, iCCP, iTXt: 50 MB of zeros, compressed to about 51 kB, before
+    the pixels (read as the file opens) or after them (read as it decodes)."""
+    zeros = zlib.compress(bytes(50 << 20), 9)
+    assert len(zeros) < 60_000
+    bombs = {"ztxt.png": png_with(png_chunk(b"zTXt", b"note\0\0" + zeros)),
+             "iccp.png": png_with(png_chunk(b"iCCP", b"profile\0\0" + zeros)),
+             "itxt.png": png_with(png_chunk(b"iTXt", b"note\0\1\0\0\0" + zeros)),
+             "ztxt-after.png": png_with(png_chunk(b"zTXt", b"note\0\0" + zeros), before=b"IEND")}
+    for name, content in bombs.items():
+        with pytest.raises(ValueError, match="MAX_TEXT_CHUNK"):  # Pillow itself refuses this real file
+            Image.open(io.BytesIO(content)).load()
+        assert_error(upload(client, real_app, content, name=name), 413, "decompression bomb")
 
 
 def test_a_decompression_bomb_is_413(client, real_app):
@@ -357,14 +421,30 @@ def test_files_that_are_not_accepted_images_are_415(client, real_app, tmp_path):
         assert_error(upload(client, real_app, content, name=name, mime=mime), 415, "JPEG")
 
 
-def test_truncated_or_corrupt_images_are_422(client, real_app, collection):
+def broken_images(collection) -> dict[str, bytes]:
+    """Real images of the accepted formats, damaged: cut short, a header
+    field changed, a tEXt chunk that claims 2 GB. Each starts as its format
+    does, so Pillow's decoder for it fails on it (not an unknown format)."""
     jpeg = collection.file("photo.jpg").read_bytes()
-    assert_error(upload(client, real_app, jpeg[: len(jpeg) // 2], name="half.jpg", mime="image/jpeg"), 422,
-                 "uploaded image")
+    png16 = saved(Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16), "PNG")
+    assert Image.open(io.BytesIO(png16)).mode == "I;16"
+    bmp = bytearray(collection.file("drawing.bmp").read_bytes())
+    bmp[14] = 100  # the size of its info header: no BMP header is 100 bytes
     png = bytearray(png_bytes(draw_picture(9)))
     start = png.index(b"IDAT") + 4
     png[start + 10: start + 200] = bytes(190)  # zeroed compressed data: a PNG that can't decode
-    assert_error(upload(client, real_app, bytes(png), name="corrupt.png"), 422, "uploaded image")
+    return {"half.jpg": jpeg[: len(jpeg) // 2], "cut7.jpg": jpeg[:7], "cut16.jpg": jpeg[:16],
+            "cut16.png": png16[:16], "cut24.png": png16[:24], "header.bmp": bytes(bmp),
+            "cut16.webp": collection.file("drawing.webp").read_bytes()[:16], "zeroed.png": bytes(png),
+            "huge-text.png": png_with(struct.pack(">I", 0x7FFFFFFF) + b"tEXtnote\0short")}
+
+
+def test_truncated_or_corrupt_images_are_422(client, real_app, collection):
+    for name, content in broken_images(collection).items():
+        with pytest.raises(Exception) as raised:
+            Image.open(io.BytesIO(content)).load()
+        assert not isinstance(raised.value, UnidentifiedImageError), name
+        assert_error(upload(client, real_app, content, name=name), 422, "broken image")
 
 
 @pytest.fixture(scope="module")
@@ -506,6 +586,39 @@ def test_a_row_now_a_symlink_outside_the_folder_is_404_and_never_leaks(client, c
             path.unlink()
 
 
+def test_a_file_that_goes_between_the_check_and_the_read_is_404(client, collection, tmp_path, monkeypatch):
+    """The window made certain: the file goes just after the route's check found it."""
+    from search_utils.service import app as service_app
+
+    name = ICONS[COUNT - 3].name
+    row = collection.ids[name]
+    real_check = service_app.indexed_file
+
+    def check_then_lose(searcher, asked):
+        found = real_check(searcher, asked)
+        os.replace(collection.file(name), tmp_path / name)
+        return found
+
+    monkeypatch.setattr(service_app, "indexed_file", check_then_lose)
+    for route in ("images", "thumbnails"):  # this row's thumbnail was never made: not cached
+        try:
+            body = assert_error(client.get(f"/api/{route}/{row}"), 404, f"image {row}", "no longer there")
+        finally:
+            os.replace(tmp_path / name, collection.file(name))
+        assert f"icons/{name}" in body["error"] and str(collection.folder) not in body["error"]
+
+
+def test_a_row_whose_file_is_no_longer_an_image_is_404_naming_its_stored_path(client, collection, tmp_path):
+    name = ICONS[COUNT - 4].name
+    row = collection.ids[name]
+    with moved_away(collection.file(name), tmp_path / name):
+        collection.file(name).write_text("not a picture any more\n")
+        answers = [client.get(f"/api/images/{row}"), client.get(f"/api/thumbnails/{row}")]
+    for response in answers:
+        body = assert_error(response, 404, f"image {row}", f"icons/{name}")
+        assert str(collection.folder) not in body["error"]  # the server's own folders stay unnamed
+
+
 @pytest.mark.parametrize("url", ["/api/images/..%2F..%2Fetc%2Fpasswd", "/api/images/%2E%2E%2Ffeatures.csv",
                                  "/static/..%2F..%2Fsearch_server.py", "/static/%2e%2e/service.py",
                                  "/static/../search_server.py", "/api/thumbnails/..%2Fsecret.png"])
@@ -539,6 +652,10 @@ def test_cors_for_the_allowed_origin_only(collection):
                                                           "Access-Control-Request-Method": "POST"})
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert_secure(preflight)
+        refused = client.options("/api/search", headers={"Origin": "http://evil.example",
+                                                        "Access-Control-Request-Method": "POST"})
+        assert_error(refused, 400, "CORS")  # JSON, with the security headers
         other = client.get("/api/stats", headers={"Origin": "http://evil.example"})
         assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
 
@@ -562,6 +679,17 @@ def test_refusals_by_the_middlewares_carry_cors_for_the_allowed_origin(collectio
     assert_error(busy, 503, "busy")
     assert [big.headers.get("access-control-allow-origin"), busy.headers.get("access-control-allow-origin")] == [
         "http://localhost:3000"] * 2
+
+
+def test_bad_ranges_of_files_are_json_errors(client):
+    script = (REPO / "search_utils/service/web/app.js").read_bytes()
+    for path in ("/static/app.js", "/"):
+        beyond = client.get(path, headers={"Range": "bytes=99999999-"})
+        assert_error(beyond, 416, "range not satisfiable")
+        assert beyond.headers["content-range"].startswith("bytes */")
+        assert_error(client.get(path, headers={"Range": "bytes=abc"}), 400, "Range")
+    part = client.get("/static/app.js", headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == script[:10]
 
 
 def test_an_internal_error_is_one_json_line_with_the_security_headers(collection):
@@ -685,18 +813,114 @@ def test_waiting_too_long_for_the_model_is_503(collection):
         assert search_ids(upload(client, app, content))[0] == 3  # free again: answered
 
 
-def test_a_model_that_cannot_be_loaded_is_503_for_uploads_only(collection):
+def test_a_model_that_cannot_be_loaded_is_503_for_uploads_only_tried_and_logged_once(collection):
+    builds: list = []
+    logged: list[str] = []
+
     def make(model, weights):
+        builds.append(weights)
         raise WeightsUnavailableError("no weights here (test)")
 
-    app = create_app(ServiceConfig(str(collection.features), load_model=True, make_extractor=make),
-                     log=lambda line: None)
+    app = create_app(ServiceConfig(str(collection.features), load_model=True, make_extractor=make), log=logged.append)
     with TestClient(app) as client:
         wait_until(lambda: client.get("/api/health").json()["model"].startswith("unavailable"), "the build fails")
         assert "no weights here" in client.get("/api/health").json()["model"]
-        response = upload(client, app, collection.file(ICONS[1].name).read_bytes())
-        assert_error(response, 503, "the model can't be loaded", "no weights here")
+        for _ in range(3):
+            response = upload(client, app, collection.file(ICONS[1].name).read_bytes())
+            assert_error(response, 503, "the model can't be loaded", "no weights here")
         assert search_ids(client.get("/api/search", params={"id": 2}))[0] == 2
+    assert len(builds) == 1, builds  # at start-up only: not again for each upload
+    assert [line for line in logged if "can't be embedded" in line] == [
+        "warning: uploaded queries can't be embedded: no weights here (test)"]
+
+
+def test_a_burst_of_uploads_decodes_at_most_the_bound_at_once(collection, monkeypatch):
+    """A small file can decode to hundreds of MB: a burst waits its turn to
+    decode (observed in the real decoder, held until the test lets it go)."""
+    from search_utils import images
+
+    real_decode, release, lock = images.load_image, threading.Event(), threading.Lock()
+    decoding, most = [0], [0]
+
+    def held_decode(*args, **kwargs):
+        with lock:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        try:
+            assert release.wait(PATIENCE)
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(images, "load_image", held_decode)
+    app = create_app(ServiceConfig(str(collection.features), load_model=False, decodes=2, wait_seconds=PATIENCE,
+                                   make_extractor=lambda model, weights: StoredRow(app, 3)), log=lambda line: None)
+    content, burst, answers = collection.file(ICONS[1].name).read_bytes(), 6, []
+    with TestClient(app) as client:
+        def send():
+            answers.append(client.post("/api/search", files={"image": ("q.png", content, "image/png")}))
+
+        threads = [threading.Thread(target=send, daemon=True) for _ in range(burst)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until(lambda: decoding[0] + app.state.model._waiting == burst, "each upload decodes or waits")
+            at_once = decoding[0]
+        finally:
+            release.set()
+        for thread in threads:
+            thread.join(PATIENCE)
+    assert at_once == most[0] == 2  # asserted once every request is done: a failure never hangs the client
+    assert [search_ids(answer)[0] for answer in answers] == [3] * burst
+
+
+def test_a_start_up_that_fails_leaves_no_upload_folder(collection):
+    def make(model, weights):
+        raise RuntimeError("not a user's problem: a bug (test)")
+
+    app = create_app(ServiceConfig(str(collection.features), load_model=True, make_extractor=make),
+                     log=lambda line: None)
+    with pytest.raises(RuntimeError, match="a bug"):
+        with TestClient(app):
+            pass
+    assert app.state.uploads and not os.path.exists(app.state.uploads)
+
+
+def test_chi2_over_negative_features_is_422_saying_which_modes_can(tmp_path):
+    from search_utils import store
+
+    features = np.random.default_rng(0).gamma(0.5, 0.6, size=(6, 1280)).astype(np.float32)
+    features[2, 5] = -3.0
+    store.save_features(str(tmp_path / "f.csv"), store.FeatureStore(
+        [f"imgs/row{i}.jpg" for i in range(6)], features, {"model": "efficientnet_lite0", "feature_dim": 1280}, None))
+    app = create_app(ServiceConfig(str(tmp_path / "f.csv"), load_model=False), log=lambda line: None)
+    with TestClient(app) as client:
+        assert_error(client.get("/api/search", params={"id": 0}), 422, "non-negative", "cosine or euclidean")
+        assert search_ids(client.get("/api/search", params={"id": 2, "metric": "cosine"}))[0] == 2
+
+
+def test_a_features_file_that_cannot_be_reloaded_is_said_once_per_problem(collection, tmp_path, monkeypatch):
+    from search_utils.service import live
+
+    monkeypatch.setattr(live, "RELOAD_RETRY_SECONDS", 0.0)  # every request retries: the log must not
+    for path in collection.features.parent.glob("features.csv*"):
+        shutil.copy(path, tmp_path / path.name)
+    features = tmp_path / "features.csv"
+    logged: list[str] = []
+    app = create_app(ServiceConfig(str(features), load_model=False), log=logged.append)
+    with TestClient(app) as client:
+        for _ in range(2):  # gone, back as a new generation; gone again
+            features.rename(tmp_path / "kept.csv")
+            for _ in range(5):
+                assert client.get("/api/stats").json()["count"] == COUNT + 7  # the previous one, served
+            shutil.copy(tmp_path / "kept.csv", features)
+            assert client.get("/api/stats").status_code == 200
+            (tmp_path / "kept.csv").unlink()
+    warnings_, loaded = ([line for line in logged if line.startswith(start)]
+                         for start in ("warning: could not load", "loaded the new generation"))
+    assert len(warnings_) == 2 and "not found" in warnings_[0], logged
+    assert len(loaded) == 2, logged
 
 
 def test_the_upload_folder_is_removed_at_shutdown(collection):

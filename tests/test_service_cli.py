@@ -6,28 +6,37 @@ Nothing listens beyond 127.0.0.1 / ::1; every HTTP client ignores proxies.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, assert_one_line_error, run_command
+from conftest import REPO, assert_one_line_error, offline_env, permission_runner, run_command
+from PIL import Image
 from served import ICONS, Server, running_server
 
 COUNT = 40
 ADDED = 3  # icons added by the re-indexing run
 PATIENCE = 60  # seconds a bounded wait may take (never a timing assertion)
 N = 50  # every row: each distance is compared, and copies show up wherever they rank
+READ_TIMEOUT = 5  # seconds: the `strict` server's --read-timeout
+IN_PROGRESS = 64  # the service's default max_requests: also how many uploads may be arriving at once
+STALLED_UPLOAD = (b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")  # then nothing more
 COPY = "icons/copy-of-first.png"  # a byte-identical copy of the first icon: results have copies
 QUERY_INDEXED = f"icons/{ICONS[0].name}"
 QUERY_OUTSIDE = "search.jpg"  # copied next to the collection, not in it
@@ -353,12 +362,127 @@ def test_a_port_in_use_is_one_line(collection):
     assert_one_line_error(result, f"port {port}", "already in use", "--port")
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"), ("--max-upload-mb", "1e-9"), ("--max-upload-mb", "0"),
+    ("--max-upload-mb", "1e6"), ("--wait-seconds", "nan"), ("--wait-seconds", "inf"), ("--wait-seconds", "1e10"),
+    ("--wait-seconds", "-1"), ("--read-timeout", "nan"), ("--read-timeout", "0"), ("--read-timeout", "1e10")])
+def test_numbers_that_are_not_finite_positive_and_sane_are_one_line(capsys, option, value):
+    import search_server
+
+    with pytest.raises(SystemExit) as exited:
+        search_server.parse_args(["--featuresPath", "features.csv", option, value])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"argument {option}: must be a number from" in lines[0], lines
+    assert repr(value) in lines[0]
+
+
+@pytest.mark.parametrize("option, value", [("--wait-seconds", "1e10"), ("--max-upload-mb", "nan")])
+def test_the_command_refuses_them_leaving_no_upload_folder(collection, tmp_path, option, value):
+    env = {**offline_env(collection), "TMPDIR": str(tmp_path)}
+    result = run_command("search_server.py", "--featuresPath", "features.csv", "--port", 0, option, value,
+                         cwd=collection, env=env)
+    assert_one_line_error(result, option, "must be a number from")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_features_file_is_one_line(collection):
     result = run_command("search_server.py", "--featuresPath", "missing.csv", "--port", 0, cwd=collection)
     assert_one_line_error(result, "missing.csv")
 
 
-# -- (e) stopping ---------------------------------------------------------------------
+# -- (e) slow clients, unreadable files ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(collection):
+    """The real server with a short --read-timeout, obeying file permissions
+    even as root where that can be arranged (see conftest.permission_runner)."""
+    preexec, _ = permission_runner()
+    with running_server(collection / "features.csv", "--read-timeout", str(READ_TIMEOUT), cwd=collection,
+                        preexec_fn=preexec) as server:
+        yield server
+
+
+def connect(server: Server, sent: bytes = b"") -> socket.socket:
+    connection = socket.create_connection(server.address, timeout=PATIENCE)
+    connection.sendall(sent)
+    return connection
+
+
+def until_closed(connection: socket.socket) -> bytes:
+    """All the server sends until it closes the connection (a socket timeout
+    if it never does)."""
+    reply = b""
+    while chunk := connection.recv(65536):
+        reply += chunk
+    return reply
+
+
+def test_stalled_uploads_block_no_cheap_route_and_are_cut_off(strict):
+    """Uploads that stop after their first line of form: they may fill the
+    uploads arriving (the two beyond get 503 at once), never the cheap
+    routes, and after --read-timeout each is answered 408 and closed."""
+    stalled = [connect(strict, STALLED_UPLOAD) for _ in range(IN_PROGRESS + 2)]
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while (stats := strict.get_json("api/stats"))["uploads_arriving"] < IN_PROGRESS:  # answered meanwhile
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        assert stats["requests_in_progress"] == 1  # this one: the stalled uploads are not in progress
+        assert strict.get_json("api/health")["status"] == "ok"
+        replies = [until_closed(connection) for connection in stalled]
+    finally:
+        for connection in stalled:
+            connection.close()
+    statuses = Counter(reply.split(b"\r\n", 1)[0].decode() for reply in replies)
+    assert statuses == {"HTTP/1.1 408 Request Timeout": IN_PROGRESS, "HTTP/1.1 503 Service Unavailable": 2}
+    for reply in replies:
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"x-content-type-options: nosniff" in head.lower()
+        answer = json.loads(body)
+        assert set(answer) == {"error", "status"} and str(answer["status"]).encode() in head.split(b"\r\n")[0]
+    assert any(f"longer than {READ_TIMEOUT} s" in json.loads(r.partition(b"\r\n\r\n")[2])["error"] for r in replies)
+    assert strict.get_json("api/stats")["uploads_arriving"] == 0
+
+
+def test_connections_that_send_nothing_or_trickle_their_headers_are_closed(strict):
+    idle = connect(strict)
+    trickling = connect(strict)
+    try:
+        for byte in b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 60:
+            if select.select([trickling], [], [], 0.5)[0]:  # pacing: a byte each half second until it closes
+                break
+            trickling.sendall(bytes([byte]))
+        else:
+            pytest.fail("the server waited for the whole trickled request")
+        assert until_closed(trickling) == b""
+        assert until_closed(idle) == b""
+    finally:
+        idle.close(), trickling.close()
+
+
+def test_an_indexed_file_that_cannot_be_read_is_404(collection, strict):
+    preexec, why_not = permission_runner()
+    if preexec is None and why_not:
+        pytest.skip(why_not)
+    name = ICONS[5].name
+    path = collection / "icons" / name
+    with httpx.Client(base_url=strict.url, trust_env=False, timeout=PATIENCE) as client:
+        rows = {item["path"]: item["id"] for item in client.get("/api/sample", params={"n": 100}).json()}
+        row = rows[f"icons/{name}"]
+        path.chmod(0)
+        try:
+            answers = [client.get(f"/api/images/{row}"), client.get(f"/api/thumbnails/{row}")]
+        finally:
+            path.chmod(0o644)
+    for response, says in zip(answers, ("can't be read", "permission denied")):
+        assert response.status_code == 404, response.text
+        assert says in response.json()["error"] and f"icons/{name}" in response.json()["error"]
+        assert str(collection) not in response.json()["error"]
+
+
+# -- (f) stopping ---------------------------------------------------------------------
 
 
 def stderr_to_the_end(server: Server) -> str:
@@ -432,11 +556,67 @@ def test_an_interrupt_just_after_the_serving_line_still_stops_cleanly(collection
     assert capsys.readouterr().err.splitlines()[-1] == "stopped"
 
 
-def test_sigint_stops_the_warm_server_cleanly(server):
-    """Last: stops the module's server (warm, after every test above)."""
+def test_a_stop_while_the_model_loads_never_says_it_is_ready(collection, tmp_path):
+    """SIGINT once the app's start-up has begun (its upload folder is made,
+    then the model loads for seconds): the load can't be cut short, but the
+    log must not say the model is ready after the stop was asked."""
+    env = {**offline_env(collection), "TMPDIR": str(tmp_path)}
+    server = Server(collection / "features.csv", cwd=collection, env=env)
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while not list(tmp_path.glob("search-server-uploads-*")):
+            assert time.monotonic() < deadline and server.process.poll() is None, "".join(server.stderr)
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGINT)
+        assert_stopped_cleanly(server)
+    finally:
+        server.stop()
+    assert not any("ready" in line for line in server.stderr), server.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def noisy_uploads() -> dict[str, bytes]:
+    """Uploads that made libraries print: a 633-byte JPEG whose header claims
+    144 megapixels (Pillow's DecompressionBombWarning), a TIFF whose tag
+    claims more data than the file holds (Pillow's UserWarning)."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(out, "JPEG")
+    jpeg = bytearray(out.getvalue())
+    frame = jpeg.index(b"\xff\xc0")
+    jpeg[frame + 5: frame + 9] = struct.pack(">HH", 12000, 12000)
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, "TIFF")
+    tiff = bytearray(out.getvalue())
+    entries = struct.unpack("<I", tiff[4:8])[0] + 2
+    for entry in range(entries, entries + 12 * struct.unpack("<H", tiff[entries - 2: entries])[0], 12):
+        if struct.unpack("<H", tiff[entry: entry + 2])[0] == 258:  # BitsPerSample: its values lie at an offset
+            tiff[entry + 8: entry + 12] = struct.pack("<I", 100_000)
+    return {"claims-144mp.jpg": bytes(jpeg), "tags.tif": bytes(tiff)}
+
+
+def test_sigint_stops_the_warm_server_in_one_line_whatever_clients_sent(server):
+    """Last: stops the module's server (warm, after every test above), after
+    uploads that made libraries print and with an upload stalled (it holds
+    the graceful stop until that gives up): the log says "stopped", nothing more."""
     server.wait_for_model()
-    server.process.send_signal(signal.SIGINT)
-    assert_stopped_cleanly(server)
+    with httpx.Client(base_url=server.url, trust_env=False, timeout=PATIENCE) as client:
+        for name, content in noisy_uploads().items():
+            response = client.post("/api/search", files={"image": (name, content)})
+            assert 400 <= response.status_code < 500, response.text
+        body = b'--WXYZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nabc\r\n--WXYZ--\r\n'
+        wrong = client.post("/api/search", content=body, headers={"content-type": "multipart/form-data; boundary=WXYX"})
+        assert wrong.status_code == 400, wrong.text
+    stalled = connect(server, STALLED_UPLOAD)
+    try:
+        server.get_json("api/health")  # the stalled request is in
+        before = len(server.stderr)
+        server.process.send_signal(signal.SIGINT)
+        assert_stopped_cleanly(server)
+    finally:
+        stalled.close()
+    assert server.stderr[before:] == ["stopped\n"], server.stderr[before:]
+    for noise in ("Warning", "warn(", "Expected boundary", "ERROR", "Traceback"):
+        assert noise not in "".join(server.stderr), server.stderr
 
 
 def test_a_second_ctrl_c_quits_at_once_without_a_traceback(collection):

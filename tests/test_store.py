@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -23,11 +24,16 @@ AWKWARD_PATHS = [
 ]
 
 
-def sample_store(n=len(AWKWARD_PATHS), dim=16, seed=0):
+def sample_store(n=len(AWKWARD_PATHS), dim=16, seed=0, whitened=False):
     rng = np.random.default_rng(seed)
     feats = rng.gamma(0.7, 1.3, size=(n, dim)).astype(np.float32)
     feats[0, :3] = [0.0, 1e-30, 123456.789]
-    return St.FeatureStore(AWKWARD_PATHS[:n], feats, {"model": "resnet50", "weights": "imagenet"})
+    whitening = None
+    if whitened:
+        from search_utils.engine import whitening_arrays
+
+        whitening = whitening_arrays(feats)
+    return St.FeatureStore(AWKWARD_PATHS[:n], feats, {"model": "resnet50", "weights": "imagenet"}, whitening)
 
 
 def test_csv_round_trip_keeps_awkward_paths_and_exact_floats(tmp_path):
@@ -148,3 +154,100 @@ def test_written_files_get_normal_permissions_and_keep_changed_ones(tmp_path):
         assert h5.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old_umask)
+
+
+# ---------------------------------------------------------------- what the store refuses to read, and how it writes
+
+
+def test_binary_files_are_not_features_files_and_rows_are_never_quoted_at_length(tmp_path):
+    """An image, the indexing state, the whitening file, random bytes: one
+    short line, not a "row" of binary quoted for hundreds of characters."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "picture.png")
+    St.save_features(str(tmp_path / "f.csv"), sample_store())
+    (tmp_path / "state.sqlite").write_bytes(b"SQLite format 3\0" + bytes(range(256)) * 8)
+    np.savez(tmp_path / "w.npz", mean=np.ones(3))
+    for name in ("picture.png", "state.sqlite", "w.npz"):
+        with pytest.raises(FeaturesFileError) as error:
+            St.load_features(str(tmp_path / name))
+        assert str(error.value) == (f"{tmp_path / name} is not a features file (binary data, neither the CSV "
+                                    f"nor the HDF5 format)")
+    (tmp_path / "text.csv").write_text("x" * 5000 + "\n" + "y,1\n")  # no NUL: read as text
+    with pytest.raises(FeaturesFileError, match="not a features file") as error:
+        St.load_features(str(tmp_path / "text.csv"))
+    assert len(str(error.value)) < len(str(tmp_path)) + 200
+    with pytest.raises(FeaturesFileError, match=r"first row \(\{\) has no feature values"):
+        St.load_features(str(tmp_path / "f.csv.meta.json"))
+
+
+def test_csv_values_python_reads_but_no_features_file_holds(tmp_path):
+    """`1_0` is 10 to Python's float(): refused. A value too large for
+    float32 is named, with no warning printed before the error."""
+    import warnings
+
+    with pytest.raises(FeaturesFileError, match=r"row 2, column 3 is not a number: '1_0'"):
+        St.load_features(write_text(tmp_path, "a.png,1,2\nb.png,3,1_0\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would become this test's failure
+        with pytest.raises(FeaturesFileError, match=r"row 2, column 2 is 1e\+39, too large for float32"):
+            St.load_features(write_text(tmp_path, "a.png,1,2\nb.png,1e39,2\n"))
+    spaced = St.load_features(write_text(tmp_path, "a.png,1,2\nb.png, 1.5 ,+2\n"))  # harmless: read as numbers
+    assert spaced.features[1].tolist() == [1.5, 2.0]
+
+
+@pytest.mark.parametrize("version, says", [
+    (99, "has features format version 99, this tool reads up to 1: upgrade search_utils"),
+    ("1", "its metadata's format_version (the format's version) is \"1\", not a whole number"),
+])
+def test_csv_metadata_from_a_newer_format_is_refused_as_hdf5_is(tmp_path, version, says):
+    path = write_text(tmp_path, "a.png,1,2\n")
+    (tmp_path / "features.csv.meta.json").write_text(json.dumps({"format_version": version}))
+    with pytest.raises(FeaturesFileError, match=re.escape(says)):
+        St.load_features(path)
+
+
+def test_a_metadata_file_holding_no_model_says_so(tmp_path):
+    from search_utils.engine import store_model
+    from search_utils.errors import ModelMismatchError
+
+    path = write_text(tmp_path, "a.png,1,2\n")
+    (tmp_path / "features.csv.meta.json").write_text("{}")
+    with pytest.raises(ModelMismatchError, match=r"the post's resnet50 \(metadata file .*features.csv.meta.json "
+                                                 r"holds no model\) gives 2048"):
+        store_model(St.load_features(path))
+    os.unlink(tmp_path / "features.csv.meta.json")
+    with pytest.raises(ModelMismatchError, match=r"\(no metadata file\)"):
+        store_model(St.load_features(path))
+
+
+def test_temporary_names_fit_any_name_the_file_system_takes(tmp_path):
+    """The temporary file is named after the target, cut to fit: an HDF5
+    file named with 255 bytes is written (its temporary would have been
+    269), and a CSV file as long as its sidecars' names allow (236 bytes:
+    `.whitening.npz.next` makes 255; its temporary would have been 283)."""
+    for length, suffix in ((236, ".csv"), (255, ".h5")):
+        path = tmp_path / ("n" * (length - len(suffix)) + suffix)
+        St.save_features(str(path), sample_store(whitened=True))
+        assert St.load_features(str(path)).paths == AWKWARD_PATHS
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_only_temporaries_whose_writer_is_gone_are_removed(tmp_path):
+    """A writer holds a lock on its temporary file: cleaning up while it
+    writes leaves that file alone; one nobody holds (its writer was killed)
+    is removed, as is nothing else."""
+    path = tmp_path / "features.h5"
+    dead = tmp_path / ".features.h5.abcd1234.tmp"  # as a writer killed -9 left it
+    dead.write_bytes(b"half written")
+    others = [tmp_path / ".features.h5.notes.tmp", tmp_path / ".other.h5.abcd1234.tmp"]  # not one of ours
+    for other in others:
+        other.write_bytes(b"keep me")
+    with St.atomic_write(str(path), binary=True) as handle:
+        assert not dead.exists()  # removed as the write began
+        handle.write(b"x")
+        (live,) = [p for p in tmp_path.iterdir() if p.name.startswith(".features.h5.") and p not in others]
+        St.remove_stale_temporaries(str(path))  # as another process would, meanwhile
+        assert live.exists()
+    assert path.read_bytes() == b"x" and not live.exists()
+    assert all(other.read_bytes() == b"keep me" for other in others)

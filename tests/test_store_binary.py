@@ -358,7 +358,8 @@ def test_corrupt_hdf5_is_a_one_line_error(tmp_path):
 
 def test_binary_without_signature_and_empty_files(tmp_path):
     (tmp_path / "f.h5").write_bytes(b"\x00\x01garbage" * 100)
-    assert "not an HDF5 file (no HDF5 signature" in one_line_error(tmp_path / "f.h5")
+    assert "is not a features file (binary data, neither the CSV nor the HDF5 format; no HDF5 signature" in (
+        one_line_error(tmp_path / "f.h5"))
     (tmp_path / "empty.h5").write_bytes(b"")
     assert "features file is empty" in one_line_error(tmp_path / "empty.h5")
     St.save_features(str(tmp_path / "none.h5"), St.FeatureStore([], np.empty((0, 4), np.float32), {}))
@@ -469,6 +470,9 @@ def hdf5_features(tmp_path):
     feats = np.concatenate([c + 0.05 * rng.random((4, 2048)) for c in centres]).astype(np.float32)
     store = St.FeatureStore(paths, feats, {"model": "resnet50", "base_dir": str(tmp_path)}, whitening_arrays(feats))
     St.save_features(str(tmp_path / "x.h5"), store)
+    for seed, path in enumerate(paths):  # search takes a query that exists (its stored row is reused)
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        draw_picture(seed, size=(32, 32)).save(tmp_path / path)
     return tmp_path, store
 
 
@@ -513,3 +517,55 @@ def test_indexing_into_hdf5_then_searching(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["results"][0]["path"] == "imgs/p2.png"
     assert "embedded" not in result.stderr
+
+
+# ---------------------------------------------------------------- writes the file system refuses
+
+
+def converted_with_file_size_limit(tmp_path, limit, *args):
+    """convert_features.py with writes past `limit` bytes of any file
+    refused by the kernel (RLIMIT_FSIZE: EFBIG, as a full disk's ENOSPC)."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO, offline_env
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, str(REPO / CONVERT), *args], cwd=tmp_path, env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=600, preexec_fn=limited)
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_a_full_disk_while_writing_hdf5_is_one_line_and_keeps_the_earlier_file(tmp_path, whitened):
+    """HDF5 itself can't take a failed write (h5py printed tracebacks while
+    closing, or the process died of a segmentation fault): it never sees
+    one, and the write's own error is the one line."""
+    St.save_features(str(tmp_path / "f.csv"), sample_store(n=400, dim=256, whitened=whitened))
+    St.save_features(str(tmp_path / "out.h5"), sample_store(n=3))  # the earlier file
+    before = (tmp_path / "out.h5").read_bytes()
+    result = converted_with_file_size_limit(tmp_path, 60_000, "f.csv", "out.h5")  # the new one is ~420 KB
+    assert_one_line_error(result, "cannot write out.h5: File too large; the earlier file (if any) is as it was")
+    assert result.returncode == 1
+    assert (tmp_path / "out.h5").read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_read_only_output_is_replaced_and_stays_read_only(tmp_path):
+    """Renaming over a 0444 file needs only the folder's permission: the
+    write goes ahead, without root's override, and the mode is kept."""
+    from conftest import permission_runner, run_as_user
+
+    if permission_runner()[1] is not None:
+        pytest.skip(permission_runner()[1])
+    St.save_features(str(tmp_path / "f.csv"), sample_store(whitened=True))
+    for name in ("out.h5", "out.csv"):
+        St.save_features(str(tmp_path / name), sample_store(n=3))
+        (tmp_path / name).chmod(0o444)
+        result = run_as_user(CONVERT, "f.csv", name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o444
+        assert St.load_features(str(tmp_path / name)).paths == AWKWARD_PATHS
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".next"))]

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -63,3 +65,58 @@ def test_every_mode_ranks_an_exact_copy_first(name):
     from search_utils.search import nearest
 
     assert nearest(space.vectors, store.paths, space.to_space(feats[11]), 1, space.metric)[0].path == "11"
+
+
+def test_identical_vectors_give_a_whitening_that_learned_nothing_without_warnings():
+    row = np.random.default_rng(5).gamma(0.5, 1, 12).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's "Mean of empty slice" would fail here
+        w = T.Whitening.fit(np.stack([row, row, row]))
+    assert not w.learned and w.dims == 0
+    assert T.Whitening.fit(np.stack([row, row * 2, row])).learned  # two distinct vectors: one direction
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_whitened_mode_without_a_learnable_whitening_compares_normalised_features(rows):
+    """One image, or copies of one: nothing to whiten. The mode falls back
+    to the signed square root and L2 norm, by cosine (each image at 0 from
+    itself), with one note, and no warning. Three copies are what indexing
+    stores a whitening for: its stored, empty whitening says the same."""
+    from search_utils.engine import whitening_arrays
+    from search_utils.search import nearest
+
+    feats = np.repeat(np.random.default_rng(6).gamma(0.5, 1, (1, 16)).astype(np.float32), rows, axis=0)
+    store = St.FeatureStore([str(i) for i in range(rows)], feats, {}, whitening_arrays(feats))
+    assert (store.whitening_arrays is not None) == (rows >= 3)
+    notes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        space = modes.search_space(store, "whitened", warn=notes.append)
+        hits = nearest(space.vectors, store.paths, space.to_space(feats[0]), rows, space.metric)
+    assert [h.distance for h in hits] == pytest.approx([0.0] * rows, abs=1e-6)
+    what = "one image" if rows == 1 else f"{rows} images whose features are all the same"
+    assert notes == [f"note: no whitening can be learned from {what}: comparing the signed-square-root, "
+                     f"L2-normalised features by cosine, without whitening"]
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda a: a.update(mean=np.full(a["mean"].shape, "x")), "its arrays don't hold floating-point numbers"),
+    (lambda a: a.update(projection=a["projection"].astype(np.complex64)),
+     "its arrays don't hold floating-point numbers"),
+    (lambda a: a.update(vectors=a["vectors"][:, :1]), "its arrays don't fit these features"),
+    (lambda a: a.pop("vectors"), "arrays are missing"),
+])
+def test_a_stored_whitening_of_the_wrong_type_or_shape_is_damaged_and_learned_again(change, says):
+    from search_utils.engine import whitening_arrays
+
+    feats = np.random.default_rng(7).gamma(0.5, 1, (10, 6)).astype(np.float32)
+    arrays = whitening_arrays(feats)
+    change(arrays)
+    store = St.FeatureStore([str(i) for i in range(10)], feats, {}, arrays)
+    notes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complex array cast to float would warn
+        space = modes.search_space(store, "whitened", warn=notes.append, source="f.csv")
+    assert notes == [f"note: the whitening stored with f.csv is damaged ({says}); learned it from 10 images "
+                     f"(re-index to store it)"]
+    np.testing.assert_allclose(space.to_space(feats[3]), space.vectors[3], rtol=1e-5, atol=1e-6)

@@ -7,7 +7,9 @@ never imports it; `search_server.py` runs it under uvicorn, and tests use
     live        what stays warm: the features file, followed across
                 re-indexing (FollowedIndex), and the model (WarmModel)
     files       uploads judged from their bytes; indexed images served by row id
-    middleware  security headers, bounded requests and bodies, a 500 backstop
+    middleware  security headers, errors as JSON, bounded requests, deadlines and
+                caps for bodies, HEAD as GET, a 500 backstop
+    protocol    uvicorn's HTTP/1.1 protocol with a deadline for request headers
     app         the routes and JSON errors
     web/        the page: index.html, app.js, style.css (no build step)
 

@@ -20,9 +20,11 @@ class ServiceConfig:
     weights: str | None = None  # local weights for uploaded queries (default: as recorded when indexing)
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     model_calls: int = 1  # model calls at once (each uses every core)
-    max_waiting: int = 32  # uploaded queries waiting for the model; more get 503 at once
-    max_requests: int = 64  # requests in progress at once (uploads spool while parsed); more get 503
-    wait_seconds: float = 30.0  # the longest an uploaded query waits for the model, then 503
+    decodes: int = 2  # uploads decoded at once (one can take a few hundred MB: Pillow's pixel limit)
+    max_waiting: int = 32  # uploaded queries waiting to be decoded or embedded; more get 503 at once
+    max_requests: int = 64  # requests in progress at once, and uploads arriving at once; more get 503
+    wait_seconds: float = 30.0  # the longest an uploaded query waits to be decoded and embedded, then 503
+    read_timeout: float = 30.0  # the longest a request's body may take to arrive, then 408
     cors_origins: list[str] = field(default_factory=list)
     backend: SearchBackend = EMBEDDED  # where chi2 candidates come from (a vector database: --db)
     load_model: bool = True  # build the model at start-up (tests of stored queries pass False)
@@ -38,7 +40,7 @@ class ServiceError(Exception):
 
 
 class Busy(ServiceError):
-    """503: the model is taken for longer than a request may wait."""
+    """503: the decoders or the model are taken for longer than a request may wait."""
 
     def __init__(self, message: str):
         super().__init__(503, message)

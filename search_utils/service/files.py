@@ -11,6 +11,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 from fastapi import UploadFile
@@ -42,21 +43,36 @@ def read_upload(upload: UploadFile, folder: str, limit: int, size: tuple[int, in
             copied = _copy_limited(upload.file, out, limit)
         if copied == 0:
             raise ServiceError(400, "the uploaded file is empty")
-        try:
-            with Image.open(path, formats=UPLOAD_FORMATS):
-                pass
-        except UnidentifiedImageError:
-            raise ServiceError(415, f"not an image this service accepts ({', '.join(UPLOAD_FORMATS)})") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            pass  # judged below, where a JPEG that decodes reduced is allowed
+        _check_format(path)
         try:
             return images.load_image(path, size=size, interpolation=resize)
         except ImageReadError as error:
-            status = 413 if error.reason in BOMB_REASONS else 422
-            raise ServiceError(status, f"uploaded image: {error.reason}") from None
+            raise _refusal(error.reason, bomb=error.reason in BOMB_REASONS) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _check_format(path: str) -> None:
+    """415 unless the file opens as one of UPLOAD_FORMATS; 422 (or 413 for a
+    bomb) if it starts as one but its header can't be read."""
+    try:
+        with Image.open(path, formats=UPLOAD_FORMATS):
+            pass
+    except UnidentifiedImageError:
+        raise ServiceError(415, f"not an image this service accepts ({', '.join(UPLOAD_FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        pass  # judged by load_image, where a JPEG that decodes reduced is allowed
+    except Exception as error:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise _refusal(" ".join(str(error).split()) or type(error).__name__) from None
+
+
+def _refusal(reason: str, bomb: bool = False) -> ServiceError:
+    if "MAX_TEXT_" in reason:  # a PNG text or colour-profile chunk inflating past Pillow's limit
+        return ServiceError(413, f"uploaded image: a decompression bomb ({reason})")
+    if bomb:
+        return ServiceError(413, f"uploaded image: {reason}")
+    return ServiceError(422, f"broken image: {reason}")
 
 
 def _copy_limited(source, target, limit: int) -> int:
@@ -75,7 +91,13 @@ def check_row(searcher: Searcher, row: int) -> None:
         raise ServiceError(404, f"no image with id {row}: ids go from 0 to {len(searcher) - 1}")
 
 
-def indexed_file(searcher: Searcher, row: int) -> str:
+class IndexedFile(NamedTuple):
+    path: str  # as it opens from here, symlinks resolved: never named in an answer
+    row: int
+    shown: str  # the path stored in the features file, printable: what answers name
+
+
+def indexed_file(searcher: Searcher, row: int) -> IndexedFile:
     """The file of indexed row `row`, as it opens from here.
 
     Only rows of the index are served: the path comes from the features
@@ -90,24 +112,43 @@ def indexed_file(searcher: Searcher, row: int) -> str:
     real = os.path.realpath(os.path.join(base_dir, stored))
     if root is not None and os.path.commonpath([root, real]) != root:
         raise ServiceError(404, f"image {row} now leads outside the indexed folder; not served")
+    file = IndexedFile(real, row, printable_path(stored))
     if not os.path.isfile(real):
-        raise ServiceError(404, f"image {row} ({printable_path(stored)}) is no longer there")
-    return real
+        raise _unreadable(file, FileNotFoundError())
+    return file
 
 
-def image_bytes(path: str, row: int) -> tuple[bytes, str]:
+def image_bytes(file: IndexedFile) -> tuple[bytes, str]:
     """(bytes, media type) of an indexed image, its type judged from the
-    bytes: only the formats uploads may have (UPLOAD_FORMATS) go out as they are."""
-    with open(path, "rb") as handle:
-        try:
-            with Image.open(handle, formats=UPLOAD_FORMATS) as picture:
-                media_type = MEDIA_TYPES[picture.format]
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ServiceError(415, f"image {row} can't be served as it is; see its thumbnail") from None
-        if os.fstat(handle.fileno()).st_size > MAX_SERVED_BYTES:
-            raise ServiceError(413, f"image {row} is larger than {size_text(MAX_SERVED_BYTES)}; see its thumbnail")
-        handle.seek(0)
-        return handle.read(), media_type
+    bytes: only the formats uploads may have (UPLOAD_FORMATS) go out as they
+    are. 404 for anything that makes it unservable since it was indexed (it
+    may go or change between the check and the read)."""
+    try:
+        with open(file.path, "rb") as handle:
+            media_type = _served_type(handle, file)
+            if os.fstat(handle.fileno()).st_size > MAX_SERVED_BYTES:
+                raise ServiceError(404, f"image {file.row} is larger than {size_text(MAX_SERVED_BYTES)}; "
+                                        "see its thumbnail")
+            handle.seek(0)
+            return handle.read(), media_type
+    except OSError as error:
+        raise _unreadable(file, error) from None
+
+
+def _served_type(handle, file: IndexedFile) -> str:
+    try:
+        with Image.open(handle, formats=UPLOAD_FORMATS) as picture:
+            return MEDIA_TYPES[picture.format]
+    except Exception:  # noqa: BLE001 - not an accepted format any more, or damaged: any decoder error
+        raise ServiceError(404, f"image {file.row} ({file.shown}) can't be served as it is; "
+                                "see its thumbnail") from None
+
+
+def _unreadable(file: IndexedFile, error: OSError) -> ServiceError:
+    if isinstance(error, FileNotFoundError):
+        return ServiceError(404, f"image {file.row} ({file.shown}) is no longer there")
+    reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+    return ServiceError(404, f"image {file.row} ({file.shown}) can't be read ({reason})")
 
 
 class Thumbnails:
@@ -120,18 +161,21 @@ class Thumbnails:
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def get(self, path: str) -> tuple[bytes, str]:
+    def get(self, file: IndexedFile) -> tuple[bytes, str]:
         """(JPEG bytes, ETag)."""
-        info = os.stat(path)
-        key = (path, info.st_ino, info.st_mtime_ns, info.st_size)
+        try:
+            info = os.stat(file.path)
+        except OSError as error:  # gone since indexed_file looked
+            raise _unreadable(file, error) from None
+        key = (file.path, info.st_ino, info.st_mtime_ns, info.st_size)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         try:
-            picture = images.load_preview(path, THUMBNAIL_SIDE)
+            picture = images.load_preview(file.path, THUMBNAIL_SIDE)
         except ImageReadError as error:
-            raise ServiceError(404, f"cannot show {printable_path(path)}: {error.reason}") from None
+            raise ServiceError(404, f"cannot show image {file.row} ({file.shown}): {error.reason}") from None
         out = io.BytesIO()
         picture.save(out, "JPEG", quality=85)
         made = (out.getvalue(), '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"')

@@ -12,7 +12,9 @@
 Knows nothing about models or distances.
 """
 
-from .atomic import FileWriteError, atomic_write, remove_stale_temporaries
+from .atomic import (
+    FileWriteError, NotRegularFileError, atomic_write, open_regular, regular_file_problem, remove_stale_temporaries,
+)
 from .feature_store import ENCODING_ERRORS, FORMAT_VERSION, WHITENING_KEYS, FeatureStore
 from .formats import (
     CSV_EXTENSIONS, SUPPORTED_EXTENSIONS, append_features, file_format, iter_feature_chunks, load_features,
@@ -25,14 +27,17 @@ from .metadata import METADATA_SUFFIX, metadata_path, read_metadata
 
 def recover_interrupted_write(path: str) -> None:
     """Tidy what a writer of `path` killed -9 left: finish (or drop) its
-    publish, delete its temporary files. Only call while no one writes
-    `path` (e.g. holding its indexing lock)."""
+    publish, delete its temporary files (those of dead writers only: see
+    atomic.remove_stale_temporaries). Only call while no one writes `path`
+    (e.g. holding its indexing lock): a publish under way looks killed."""
     finish_interrupted_publish(path)
     remove_stale_temporaries(path)
 
 __all__ = [
-    "CSV_EXTENSIONS", "ENCODING_ERRORS", "NEXT_SUFFIX", "FORMAT_VERSION", "HDF5_EXTENSIONS", "HDF5_SIGNATURE", "METADATA_SUFFIX",
+    "CSV_EXTENSIONS", "ENCODING_ERRORS", "NEXT_SUFFIX", "FORMAT_VERSION", "HDF5_EXTENSIONS", "HDF5_SIGNATURE",
+    "METADATA_SUFFIX",
     "SUPPORTED_EXTENSIONS", "WHITENING_KEYS", "WHITENING_SUFFIX", "FeatureStore", "FileWriteError",
+    "NotRegularFileError", "open_regular", "regular_file_problem",
     "append_features", "atomic_write", "file_format", "files_signature", "finish_interrupted_publish",
     "iter_feature_chunks",
     "load_features", "metadata_path", "output_format", "read_metadata", "recover_interrupted_write",

@@ -10,6 +10,7 @@ import collections
 import csv
 import hashlib
 import io
+import warnings
 from typing import IO
 
 import numpy as np
@@ -17,8 +18,8 @@ import pandas as pd
 
 from ..errors import FeaturesFileError, printable_path
 from . import generation
-from .atomic import atomic_file, write_errors
-from .feature_store import ENCODING_ERRORS, FeatureStore
+from .atomic import atomic_file, open_regular, write_errors
+from .feature_store import ENCODING_ERRORS, FeatureStore, excerpt
 from .metadata import full_metadata
 
 BLOCK_BYTES = 8 << 20  # feature values converted to text at a time (~32x that as text)
@@ -63,16 +64,25 @@ def csv_field(value: str) -> str:
 def load_csv(path: str) -> FeatureStore:
     """Rows, metadata and whitening of one consistent generation."""
     taken = generation.read(path, lambda handle: read_rows(path, handle))
-    return FeatureStore(taken.paths, taken.features, taken.metadata, taken.whitening)
+    return FeatureStore(taken.paths, taken.features, taken.metadata, taken.whitening, taken.metadata_file)
 
 
 def read_rows(path: str, handle: IO[bytes]) -> tuple[list[str], np.ndarray]:
     """Paths and float32 features of the CSV open as `handle`.
 
     Raises:
-        FeaturesFileError: empty, malformed, non-numeric, non-finite or a
-            row without a path; the message names the row.
+        FeaturesFileError: empty, not a features file at all (its first
+            row is not a path and numbers), malformed, non-numeric,
+            non-finite or a row without a path; the message names the row.
     """
+    from .formats import FIRST_ROW_BYTES, first_row_problem
+
+    shown = printable_path(path)
+    start = handle.tell()
+    problem = first_row_problem(handle.read(FIRST_ROW_BYTES))
+    if problem:
+        raise FeaturesFileError(f"{shown} is not a features file ({problem})")
+    handle.seek(start)
     try:
         frame = pd.read_csv(
             handle, header=None, dtype={0: object}, keep_default_na=False,  # object: Python strings, which
@@ -80,29 +90,50 @@ def read_rows(path: str, handle: IO[bytes]) -> tuple[list[str], np.ndarray]:
             na_values=[""], encoding="utf-8", encoding_errors=ENCODING_ERRORS,
         )
     except pd.errors.EmptyDataError:
-        raise FeaturesFileError(f"features file is empty: {path}") from None
+        raise FeaturesFileError(f"features file is empty: {shown}") from None
     except pd.errors.ParserError as error:
-        raise FeaturesFileError(f"malformed features file {path}: {_row_problem(path) or _first_line(error)}") from None
+        problem = _row_problem(path) or _first_line(error)
+        raise FeaturesFileError(f"malformed features file {shown}: {problem}") from None
     except (OSError, UnicodeError) as error:
-        raise FeaturesFileError(f"cannot read features file {path}: {error}") from None
+        raise FeaturesFileError(f"cannot read features file {shown}: {error}") from None
     if frame.shape[1] < 2:
-        raise FeaturesFileError(f"malformed features file {path}: no feature values after the path")
+        raise FeaturesFileError(f"malformed features file {shown}: no feature values after the path")
     values = frame.iloc[:, 1:]
+    underscored = _underscored(values)
+    if underscored:
+        raise FeaturesFileError(f"malformed features file {shown}: {underscored}")
     try:
-        features = values.to_numpy(dtype=np.float32)
+        with warnings.catch_warnings(), np.errstate(over="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # 1e39 -> inf, refused below by name
+            features = values.to_numpy(dtype=np.float32)
     except (ValueError, TypeError):
-        raise FeaturesFileError(f"malformed features file {path}: {_non_numeric(values)}") from None
+        raise FeaturesFileError(f"malformed features file {shown}: {_non_numeric(values)}") from None
     if not np.isfinite(features).all():
         # pandas pads short rows with NaN: a truncated or hand-edited line;
-        # or a value is empty, "nan" or "inf".
+        # or a value is empty, "nan" or "inf", or too large for float32.
         problem = _row_problem(path) or _non_finite(values, features)
-        raise FeaturesFileError(f"malformed features file {path}: {problem}")
+        raise FeaturesFileError(f"malformed features file {shown}: {problem}")
     paths = frame.iloc[:, 0]
     empty = paths.isna().to_numpy()
     if empty.any():
         row = int(np.flatnonzero(empty)[0]) + 1
-        raise FeaturesFileError(f"malformed features file {path}: row {row} has no image path (empty first field)")
+        raise FeaturesFileError(f"malformed features file {shown}: row {row} has no image path (empty first field)")
     return paths.tolist(), features
+
+
+def _underscored(values: pd.DataFrame) -> str | None:
+    """The first value written with an underscore (`1_0`), which Python's
+    float() would read as 10 but no features file holds; None if none.
+    Only columns pandas could not read as numbers itself hold text."""
+    for column in values.columns:
+        if pd.api.types.is_numeric_dtype(values[column]):
+            continue
+        texts = values[column].astype(str)
+        bad = texts.str.contains("_", regex=False).to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            return f"row {row + 1}, column {column + 1} is not a number: {excerpt(repr(texts.iloc[row]))}"
+    return None
 
 
 def _row_problem(path: str) -> str | None:
@@ -114,7 +145,7 @@ def _row_problem(path: str) -> str | None:
     an edited first row would be reported as row 2 being wrong."""
     rows: list[tuple[int, str]] = []  # (number of values, image path), blank lines skipped as pandas does
     try:
-        with open(path, encoding="utf-8", errors=ENCODING_ERRORS, newline="") as handle:
+        with open_regular(path, "r", encoding="utf-8", errors=ENCODING_ERRORS, newline="") as handle:
             for fields in csv.reader(handle, strict=True):
                 if fields:
                     rows.append((len(fields) - 1, fields[0]))
@@ -127,7 +158,7 @@ def _row_problem(path: str) -> str | None:
     expected = collections.Counter(count for count, _ in rows).most_common(1)[0][0]  # ties: the first row's
     for number, (count, image_path) in enumerate(rows, start=1):
         if count != expected:
-            return (f"row {number} ({printable_path(image_path)}) has {count} values, "
+            return (f"row {number} ({excerpt(image_path)}) has {count} values, "
                     f"expected {expected} (truncated or edited?)")
     return None
 
@@ -135,8 +166,20 @@ def _row_problem(path: str) -> str | None:
 def _non_finite(values: pd.DataFrame, features: np.ndarray) -> str:
     row, column = (int(i) for i in np.argwhere(~np.isfinite(features))[0])
     text = values.iat[row, column]
-    shown = "empty" if isinstance(text, float) and np.isnan(text) else f"not a finite number ({text})"
+    if isinstance(text, float) and np.isnan(text):
+        shown = "empty"
+    elif np.isfinite(_as_float(text)):
+        shown = f"{excerpt(str(text))}, too large for float32"
+    else:
+        shown = f"not a finite number ({excerpt(str(text))})"
     return f"row {row + 1}, column {column + 2} is {shown}"
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _non_numeric(values: pd.DataFrame) -> str:
@@ -145,7 +188,7 @@ def _non_numeric(values: pd.DataFrame) -> str:
         bad = converted.isna() & values[column].notna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            return f"row {row + 1}, column {column + 1} is not a number: {values[column].iloc[row]!r}"
+            return f"row {row + 1}, column {column + 1} is not a number: {excerpt(repr(values[column].iloc[row]))}"
     return "non-numeric feature values"
 
 

@@ -9,15 +9,18 @@ signature is read as HDF5 whatever its name, anything else as CSV.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import stat
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import FeaturesFileError
+from ..errors import FeaturesFileError, printable_path
 from . import csv_format, hdf5_format
-from .feature_store import FeatureStore
+from .atomic import NOT_REGULAR, open_regular
+from .feature_store import ENCODING_ERRORS, FeatureStore, excerpt
 
 CSV_EXTENSIONS = (".csv",)
 SUPPORTED_EXTENSIONS = CSV_EXTENSIONS + hdf5_format.HDF5_EXTENSIONS
@@ -38,9 +41,9 @@ def output_format(path: str) -> str:
         return "csv"
     if extension in hdf5_format.HDF5_EXTENSIONS:
         return "hdf5"
-    shown = f"extension {extension!r}" if extension else "no extension"
+    shown = f"extension '{printable_path(extension)}'" if extension else "no extension"
     raise FeaturesFileError(
-        f"features file {path} has {shown}: use {', '.join(SUPPORTED_EXTENSIONS)} "
+        f"features file {printable_path(path)} has {shown}: use {', '.join(SUPPORTED_EXTENSIONS)} "
         f"(.csv is the post's text format, .h5/.hdf5 the binary one)"
     )
 
@@ -50,22 +53,105 @@ def file_format(path: str) -> str:
     from its first bytes (the HDF5 signature), whatever its name.
 
     Raises:
-        FeaturesFileError: unreadable, or named .h5/.hdf5 but binary and
-            without the signature (damaged).
+        FeaturesFileError: unreadable, not a regular file, or binary
+            without the HDF5 signature (not a features file: an image, a
+            database, a damaged HDF5 file...).
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(4096)
+        with open_regular(path) as handle:
+            head = handle.read(HEAD_BYTES)
     except OSError as error:
-        raise FeaturesFileError(f"cannot read features file {path}: {error.strerror or error}") from None
+        raise FeaturesFileError(f"cannot read features file {printable_path(path)}: "
+                                f"{error.strerror or error}") from None
     if head.startswith(hdf5_format.HDF5_SIGNATURE):
         return "hdf5"
     # A text file named .h5 may be a CSV written before HDF5 support (any
-    # name was CSV then); binary bytes without the signature are a damaged file.
-    if os.path.splitext(path)[1].lower() in hdf5_format.HDF5_EXTENSIONS and b"\0" in head:
-        raise FeaturesFileError(f"{path} is not an HDF5 file (no HDF5 signature at its start; damaged?)")
+    # name was CSV then); binary bytes without the signature are no features file.
+    if is_binary(head):
+        damaged = ("; no HDF5 signature at its start: a damaged HDF5 file?"
+                   if os.path.splitext(path)[1].lower() in hdf5_format.HDF5_EXTENSIONS else "")
+        raise FeaturesFileError(f"{printable_path(path)} is not a features file (binary data, neither the CSV "
+                                f"nor the HDF5 format{damaged})")
     return "csv"
+
+
+HEAD_BYTES = 4096  # read to tell the formats apart
+
+
+def is_binary(head: bytes) -> bool:
+    """Whether the first bytes of a file, `head`, are binary data rather
+    than text: NUL bytes, in bytes that are not UTF-8 or in numbers no text
+    holds (a CSV row may hold a stray NUL in a path; an image, a database
+    or a zip file hold many, and bytes that are no UTF-8)."""
+    nuls = head.count(b"\0")
+    if not nuls:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not just a character cut at the end of `head`
+            return True
+    return nuls > max(8, len(head) // 100)
+FIRST_ROW_BYTES = 1 << 20  # read to judge a CSV's first row
+
+
+def first_row_problem(head: bytes) -> str | None:
+    """Why the start of a CSV file, `head`, can't be a features file's (its
+    first row is not an image path then numbers), or None. A row longer
+    than `head`, or one cut off in quotes, is left to the full parse."""
+    text = head.decode("utf-8", ENCODING_ERRORS)
+    complete = len(head) < FIRST_ROW_BYTES
+    try:
+        for fields in csv.reader(io.StringIO(text if complete else text[:text.rfind("\n") + 1])):
+            if not fields:
+                continue
+            if len(fields) < 2:
+                return f"its first row ({excerpt(fields[0])}) has no feature values after the path"
+            if not any(_is_number(value) for value in fields[1:]):
+                return f"its first row ({excerpt(','.join(fields))}) is not an image path followed by numbers"
+            return None
+    except csv.Error:
+        return None
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "_" not in text
+
+
+def features_file_problem(path: str) -> str | None:
+    """Why the existing file `path` is not a features file that indexing
+    may replace (or None: it is one, it is empty, or there is none), read
+    no further than needed: a folder, FIFO or device; binary without the
+    HDF5 signature; HDF5 without the features mark; text whose first row
+    is not an image path followed by numbers."""
+    path = os.fspath(path)
+    try:
+        with open_regular(path) as handle:
+            head = handle.read(FIRST_ROW_BYTES)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        return "it is a folder"
+    except OSError as error:
+        return f"it can't be read ({error.strerror or error})"
+    if not head:
+        return None
+    if head.startswith(hdf5_format.HDF5_SIGNATURE):
+        try:
+            with hdf5_format.hdf5_errors(path), hdf5_format.open_hdf5(path) as f:
+                hdf5_format.inspect(path, f)
+        except FeaturesFileError:
+            return "an HDF5 file, but not a features file this tool can read"
+        return None
+    if is_binary(head[:HEAD_BYTES]):
+        return "binary data, neither the CSV nor the HDF5 format"
+    return first_row_problem(head)
 
 
 def save_features(path: str, store: FeatureStore, dtype="float32") -> None:
@@ -97,7 +183,8 @@ def save_features(path: str, store: FeatureStore, dtype="float32") -> None:
         hdf5_format.write_hdf5(path, store, features, storage)
         return
     if storage != np.float32:
-        raise ValueError(f"{path}: float16 storage is for HDF5 files (.h5, .hdf5); CSV holds the float32 values")
+        raise ValueError(f"{printable_path(path)}: float16 storage is for HDF5 files (.h5, .hdf5); "
+                         f"CSV holds the float32 values")
     csv_format.save_csv(path, store, features)
 
 
@@ -132,7 +219,8 @@ def load_features(path: str, mmap: bool = False) -> FeatureStore:
     try:
         return csv_format.load_csv(path)
     except OSError as error:  # e.g. replaced by a folder, or permissions changed, while reading
-        raise FeaturesFileError(f"cannot read features file {path}: {error.strerror or error}") from None
+        raise FeaturesFileError(f"cannot read features file {printable_path(path)}: "
+                                f"{error.strerror or error}") from None
 
 
 def check_exists(path: str) -> None:
@@ -142,18 +230,20 @@ def check_exists(path: str) -> None:
     Raises:
         FeaturesFileError: one line saying which.
     """
+    shown = printable_path(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FeaturesFileError(f"features file not found: {path}") from None
+        raise FeaturesFileError(f"features file not found: {shown}") from None
     except NotADirectoryError:
-        raise FeaturesFileError(f"features file not found: {path} (a part of its path is a file, not a folder)") from None
+        raise FeaturesFileError(f"features file not found: {shown} (a part of its path is a file, "
+                                f"not a folder)") from None
     except OSError as error:
-        raise FeaturesFileError(f"cannot read features file {path}: {error.strerror or error}") from None
+        raise FeaturesFileError(f"cannot read features file {shown}: {error.strerror or error}") from None
     if stat.S_ISDIR(mode):
-        raise FeaturesFileError(f"features file is a folder: {path}")
+        raise FeaturesFileError(f"features file is a folder: {shown}")
     if not stat.S_ISREG(mode):
-        raise FeaturesFileError(f"features file {path} is not a regular file (a FIFO, socket or device)")
+        raise FeaturesFileError(f"features file {shown} is {NOT_REGULAR}")
 
 
 def append_features(path: str, paths: Iterable[str], features: np.ndarray) -> None:

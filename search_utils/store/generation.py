@@ -43,8 +43,10 @@ from typing import IO, Callable
 
 import numpy as np
 
-from ..errors import FeaturesFileError
-from .atomic import atomic_write, fsync_folder, signals_held, write_errors
+from ..errors import FeaturesFileError, printable_path
+from .atomic import (
+    NOT_REGULAR, atomic_write, fsync_folder, open_regular, regular_file_problem, signals_held, write_errors,
+)
 from .feature_store import WHITENING_KEYS, whitening_fits
 from .metadata import CSV_MISMATCH, check_shape, metadata_path, read_metadata_file
 
@@ -53,7 +55,8 @@ NEXT_SUFFIX = ".next"  # a sidecar of a generation being published
 HASH_NAME = "sha256"
 READ_ATTEMPTS = 5  # a reader that raced a publish reads again, up to this often
 RETRY_PAUSE = 0.02  # seconds, growing with each attempt
-_NPZ_ERRORS = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)  # a missing or damaged .npz
+_NPZ_ERRORS = (OSError, KeyError, ValueError, TypeError, AttributeError, EOFError,
+               zipfile.BadZipFile)  # a missing or damaged .npz (or not an .npz at all)
 
 
 def whitening_path(features_path: str) -> str:
@@ -123,7 +126,7 @@ def finish_interrupted_publish(path: str) -> None:
             _remove(white_next)
         return
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             committed = pending.get("features_sha256") == hashlib.file_digest(handle, HASH_NAME).hexdigest()
     except OSError:
         committed = False
@@ -147,6 +150,7 @@ class Generation:
     features: np.ndarray
     metadata: dict
     whitening: dict[str, np.ndarray] | None
+    metadata_file: str | None = None  # the metadata file read, if there was one
 
 
 def read(path: str, read_rows: Callable[[IO[bytes]], tuple[list[str], np.ndarray]]) -> Generation:
@@ -157,6 +161,10 @@ def read(path: str, read_rows: Callable[[IO[bytes]], tuple[list[str], np.ndarray
         FeaturesFileError: unreadable files, or metadata that contradicts
             the rows (a file edited by hand).
     """
+    white = whitening_path(path)
+    if regular_file_problem(white) == NOT_REGULAR:  # every reader of it would block
+        raise FeaturesFileError(f"cannot read whitening file {printable_path(white)}: {NOT_REGULAR}; move it "
+                                f"away (search learns the whitening again when it is missing)")
     for attempt in range(READ_ATTEMPTS):
         before = _names_signature(path)
         paths, features, found = _read_pairing(path, read_rows)
@@ -181,25 +189,28 @@ def _read_pairing(path: str, read_rows) -> tuple[list[str], np.ndarray, Generati
     they were taken (a writer publishes one at a time). `.next` first: if
     it is renamed in between, the final name has it.
     """
-    candidates = [m for m in (_read_quietly(metadata_path(path) + NEXT_SUFFIX),
-                              read_metadata_file(metadata_path(path))) if m is not None]
+    meta = metadata_path(path)
+    candidates = [(m, name) for m, name in ((_read_quietly(meta + NEXT_SUFFIX), meta + NEXT_SUFFIX),
+                                            (read_metadata_file(meta), meta)) if m is not None]
     with contextlib.ExitStack() as stack:
         whitenings = [stack.enter_context(f) for f in _open_existing(
             whitening_path(path) + NEXT_SUFFIX, whitening_path(path))]
         paths, features, digest = _read_hashed(path, read_rows)
-        for metadata in candidates:
+        for metadata, name in candidates:
             if metadata.get("features_sha256") == digest:
                 check_shape(path, metadata, *features.shape, CSV_MISMATCH)
                 return paths, features, Generation(paths, features, metadata,
-                                                   _whitening_of(whitenings, metadata, features))
+                                                   _whitening_of(whitenings, metadata, features), name)
     return paths, features, None
 
 
 def _open_existing(*names: str) -> list[IO[bytes]]:
+    """The files of `names` that are there and can be read (a FIFO counts
+    as absent: reading it would block)."""
     handles = []
     for name in names:
         with contextlib.suppress(OSError):
-            handles.append(open(name, "rb"))
+            handles.append(open_regular(name))
     return handles
 
 
@@ -224,7 +235,7 @@ def files_signature(*names: str) -> tuple:
 
 def _read_hashed(path: str, read_rows) -> tuple[list[str], np.ndarray, str]:
     """Rows of the CSV and the hash of exactly the bytes they came from."""
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         digest = hashlib.file_digest(handle, HASH_NAME).hexdigest()
         handle.seek(0)
         paths, features = read_rows(handle)
@@ -235,14 +246,15 @@ def _unverified(path: str, paths: list[str], features: np.ndarray) -> Generation
     """A CSV whose bytes no metadata records: older, or edited by hand. Its
     metadata only has to fit its shape; its whitening only if it predates
     generations (an edited file's whitening may describe other rows)."""
-    metadata = read_metadata_file(metadata_path(path)) or {}
+    read = read_metadata_file(metadata_path(path))
+    metadata = read or {}
     check_shape(path, metadata, *features.shape, CSV_MISMATCH)
     whitening = None
     if "generation" not in metadata:
         arrays = _load_whitening(whitening_path(path))[1]
         whitening = arrays if arrays is not None and whitening_fits(arrays, features) else None
     metadata = {k: v for k, v in metadata.items() if k not in ("generation", "features_sha256")}
-    return Generation(paths, features, metadata, whitening)
+    return Generation(paths, features, metadata, whitening, None if read is None else metadata_path(path))
 
 
 def _whitening_of(handles: list[IO[bytes]], metadata: dict, features: np.ndarray) -> dict[str, np.ndarray] | None:
@@ -257,8 +269,12 @@ def _whitening_of(handles: list[IO[bytes]], metadata: dict, features: np.ndarray
 
 def _load_whitening(source) -> tuple[str | None, dict[str, np.ndarray] | None]:
     """(generation or None, arrays or None) of a whitening file (a name or an
-    open file); (None, None) if it is missing or damaged."""
+    open file); (None, None) if it is missing or damaged, or not a regular
+    file (a FIFO would block)."""
     try:
+        if isinstance(source, str):
+            with open_regular(source) as handle:
+                return _load_whitening(handle)
         with np.load(source) as data:
             generation = str(data["generation"]) if "generation" in data else None
             return generation, {key: data[key] for key in WHITENING_KEYS}
@@ -268,7 +284,7 @@ def _load_whitening(source) -> tuple[str | None, dict[str, np.ndarray] | None]:
 
 def _whitening_generation(name: str) -> str | None:
     try:
-        with np.load(name) as data:
+        with open_regular(name) as handle, np.load(handle) as data:
             return str(data["generation"]) if "generation" in data else None
     except _NPZ_ERRORS:
         return None

@@ -14,17 +14,23 @@ port it had (a free port the first time, unless --port says which).
 
 PostgreSQL refuses to run as root: as root, the server runs as the system
 user `postgres` (created as a system user if missing), which must be able to
-reach DIR (a folder under /tmp works; /root/... does not).
+reach DIR (a folder under /tmp works; /root/... does not: refused before
+anything is made). A DIR that exists keeps its owner and mode: the server's
+own files go into `pgdata/` (where its socket then lives too) and
+`server.log`, which are made for it; only a DIR that `start` creates is
+handed to it whole. A `start` that fails removes what it created.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import ipaddress
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -32,13 +38,14 @@ import sys
 import tempfile
 from typing import Sequence
 
-from ..errors import SearchUtilsError
+from ..errors import SearchUtilsError, printable_path
 
 USER = "search"  # the database role the URI logs in as (a superuser of this local cluster)
 DATABASE = "postgres"
 SERVICE_USER = "postgres"  # the system user the server runs as when we are root
 START_SECONDS = 60
 SETTINGS_FILE = "search_server.conf"  # rewritten at each start: port and where to listen
+PGDATA, LOG = "pgdata", "server.log"  # in DIR; the programs get them relative to DIR (no quoting trouble)
 MAX_SOCKET_PATH = 103  # sun_path holds 108 bytes, minus room for ".s.PGSQL.NNNNN"
 # The server's own tuning, fixed at initdb: room to build a graph index in memory,
 # and a parallel build on every core.
@@ -121,21 +128,39 @@ def start(data_dir: str, port: int | None = None, host: str = "127.0.0.1") -> st
     Already running: its URI, whatever `port` says.
 
     Raises:
-        LocalServerError: one line saying what failed (with the log's last line).
+        LocalServerError: one line saying what failed (with the log's last
+            line); what this call created is removed again.
     """
     _check_loopback(host)
+    if port is not None:
+        check_port(port)
     data_dir = os.path.abspath(data_dir)
-    os.makedirs(data_dir, exist_ok=True)
     runner = _Runner(data_dir)
-    if not os.path.exists(os.path.join(_pgdata(data_dir), "PG_VERSION")):
-        _initdb(runner, data_dir)
-    if _running(runner, data_dir):
+    made: list[str] = []  # what this call created, removed again if it fails
+    try:
+        runner.prepare(made)
+        fresh = not os.path.exists(os.path.join(_pgdata(data_dir), "PG_VERSION"))
+        if not fresh and _running(runner, data_dir):
+            return uri_of(data_dir)
+        if port is not None and not _port_free(host, port):
+            raise LocalServerError(f"port {port} on {host} is in use: choose another with --port, "
+                                   "or leave --port out for a free one")
+        if fresh:
+            _initdb(runner, data_dir, made)
+        port = port or _recorded_port(data_dir, host) or _free_port(host)
+        _write_settings(data_dir, host, port)
+        try:
+            runner.run([runner.program("pg_ctl"), "-D", PGDATA, "-l", LOG, "-w", "-t", str(START_SECONDS),
+                        "start"], "start the database server")
+        except LocalServerError:
+            if not _port_free(host, port):  # taken meanwhile (its log says "could not create any TCP/IP sockets")
+                raise LocalServerError(f"port {port} on {host} is in use: choose another with --port, "
+                                       "or leave --port out for a free one") from None
+            raise
         return uri_of(data_dir)
-    port = port or _recorded_port(data_dir, host) or _free_port(host)
-    _write_settings(data_dir, host, port)
-    runner.run([runner.program("pg_ctl"), "-D", _pgdata(data_dir), "-l", _log(data_dir), "-w", "-t", str(START_SECONDS),
-                "start"], "start the database server")
-    return uri_of(data_dir)
+    except BaseException:
+        _remove_made(runner, data_dir, made)
+        raise
 
 
 def stop(data_dir: str) -> bool:
@@ -147,9 +172,29 @@ def stop(data_dir: str) -> bool:
     runner = _Runner(data_dir)
     if not _running(runner, data_dir):
         return False
-    runner.run([runner.program("pg_ctl"), "-D", _pgdata(data_dir), "-m", "fast", "-w", "-t", str(START_SECONDS),
+    runner.run([runner.program("pg_ctl"), "-D", PGDATA, "-m", "fast", "-w", "-t", str(START_SECONDS),
                 "stop"], "stop the database server")
     return True
+
+
+def check_port(port: int) -> None:
+    if not 1 <= int(port) <= 65535:
+        raise LocalServerError(f"port {port} is not a port number (1-65535)")
+
+
+def _remove_made(runner: "_Runner", data_dir: str, made: list[str]) -> None:
+    """Undo a failed start: stop a server it left running, remove what it created."""
+    if not made:
+        return
+    with contextlib.suppress(Exception):
+        if os.path.exists(os.path.join(_pgdata(data_dir), "PG_VERSION")) and _running(runner, data_dir):
+            runner.run([runner.program("pg_ctl"), "-D", PGDATA, "-m", "immediate", "-w", "stop"], "")
+    for path in reversed(made):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def uri_of(data_dir: str) -> str:
@@ -163,11 +208,11 @@ def uri_of(data_dir: str) -> str:
 
 
 def _pgdata(data_dir: str) -> str:
-    return os.path.join(data_dir, "pgdata")
+    return os.path.join(data_dir, PGDATA)
 
 
 def _log(data_dir: str) -> str:
-    return os.path.join(data_dir, "server.log")
+    return os.path.join(data_dir, LOG)
 
 
 def _check_loopback(host: str) -> None:
@@ -181,44 +226,80 @@ def _check_loopback(host: str) -> None:
 
 class _Runner:
     """Runs the server's programs as the user that owns the cluster: ourselves,
-    or, as root, SERVICE_USER (PostgreSQL won't run as root)."""
+    or, as root, SERVICE_USER (PostgreSQL won't run as root). The programs
+    run in DIR and are given its files by relative names."""
 
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
         self.user = _service_user() if os.geteuid() == 0 else None
-        self.install = pg_install()
-        if self.user is not None:
-            self._hand_over(data_dir)
-            self.install = _install_reachable_by(self.user)
+        self.install = pg_install() if self.user is None else _install_reachable_by(self.user)
 
     def program(self, name: str) -> str:
         return pg_bin(name, self.install)
 
-    def _hand_over(self, data_dir: str) -> None:
-        """Let the service user own the folder (it writes the cluster, log and socket there)."""
+    def prepare(self, made: list[str]) -> None:
+        """DIR (created if missing) and, as root, what the service user
+        writes in it; every path created is appended to `made`. As root, a
+        DIR that exists keeps its owner and mode; one created here is the
+        service user's."""
+        if self.user is not None:
+            reachable = self.data_dir
+            while not os.path.exists(reachable):
+                reachable = os.path.dirname(reachable)
+            if not self._can("-x", reachable):
+                raise LocalServerError(f"the database server runs as user {self.user} (PostgreSQL won't run as "
+                                       f"root), which can't reach {printable_path(reachable)}: choose a folder it "
+                                       "can reach, e.g. under /tmp")
+        _make_folders(self.data_dir, made)
+        if self.user is None:
+            return
         entry = pwd.getpwnam(self.user)
-        if os.stat(data_dir).st_uid != entry.pw_uid:
-            os.chown(data_dir, entry.pw_uid, entry.pw_gid)
-        os.chmod(data_dir, 0o700)
-        if subprocess.run(["test", "-w", data_dir, "-a", "-x", data_dir], user=self.user,
-                          capture_output=True).returncode != 0:
-            raise LocalServerError(f"the database server runs as user {self.user} (not as root), which can't reach "
-                                   f"{data_dir}: choose a folder it can reach, e.g. under /tmp")
+        if made and made[-1] == self.data_dir:  # ours: the service user's whole
+            os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+            os.chmod(self.data_dir, 0o700)
+        pgdata = _pgdata(self.data_dir)
+        if not os.path.exists(pgdata):
+            os.mkdir(pgdata, 0o700)
+            made.append(pgdata)
+            os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+        log = _log(self.data_dir)
+        if not os.path.exists(log):
+            _write_private(log, "")
+            made.append(log)
+            os.chown(log, entry.pw_uid, entry.pw_gid)
+        if not self._can("-w", pgdata):
+            raise LocalServerError(f"the database server runs as user {self.user} (not as root), which can't write "
+                                   f"{printable_path(pgdata)}: choose a folder it can reach, e.g. under /tmp")
+
+    def _can(self, test: str, path: str) -> bool:
+        return subprocess.run(["test", test, path], user=self.user, capture_output=True).returncode == 0
 
     def run(self, command: list[str], what: str) -> subprocess.CompletedProcess:
         kwargs = {"user": self.user, "group": pwd.getpwnam(self.user).pw_gid, "extra_groups": []} if self.user else {}
         env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        env.pop("PGDATA", None)
         if self.user:
-            env["HOME"] = self.data_dir
+            env["HOME"] = _pgdata(self.data_dir)
         # stdout/stderr to files, not pipes: the server started by pg_ctl inherits them and outlives us
         with open(os.devnull, "rb") as devnull, _scratch_output() as output:
             result = subprocess.run(command, stdin=devnull, stdout=output, stderr=subprocess.STDOUT, env=env,
                                     cwd=self.data_dir, **kwargs)
             if result.returncode != 0 and what:
                 output.seek(0)
-                raise LocalServerError(f"could not {what} in {self.data_dir}: "
+                raise LocalServerError(f"could not {what} in {printable_path(self.data_dir)}: "
                                        f"{_last_line(output.read().decode(errors='replace'), self.data_dir)}")
         return result
+
+
+def _make_folders(path: str, made: list[str]) -> None:
+    """os.makedirs, recording each folder it creates (outermost first)."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        os.mkdir(folder)
+        made.append(folder)
 
 
 @contextlib.contextmanager
@@ -251,25 +332,38 @@ def _service_user() -> str:
     return SERVICE_USER
 
 
-def _initdb(runner: _Runner, data_dir: str) -> None:
+def _initdb(runner: _Runner, data_dir: str, made: list[str]) -> None:
     """A new cluster: role USER with a generated password, scram everywhere,
     settings read from SETTINGS_FILE."""
     password = secrets.token_urlsafe(24)  # URL-safe: goes into the URI as is
     password_file = os.path.join(data_dir, "password")
+    if not os.path.exists(password_file):
+        made.append(password_file)
     _write_private(password_file, password + "\n")
     pwfile = os.path.join(data_dir, ".initdb-password")
     _write_private(pwfile, password + "\n")
+    pgdata = _pgdata(data_dir)
+    if os.path.isdir(pgdata) and os.listdir(pgdata):  # a half-made cluster from an interrupted initdb
+        for entry in os.listdir(pgdata):
+            inside = os.path.join(pgdata, entry)
+            if os.path.isdir(inside) and not os.path.islink(inside):
+                shutil.rmtree(inside)
+            else:
+                os.unlink(inside)
+    if not os.path.exists(pgdata):
+        os.mkdir(pgdata, 0o700)
+        made.append(pgdata)
     if runner.user:
         entry = pwd.getpwnam(runner.user)
         os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-    shutil.rmtree(_pgdata(data_dir), ignore_errors=True)  # a half-made cluster from an interrupted initdb
+        os.chown(pgdata, entry.pw_uid, entry.pw_gid)
     try:
-        runner.run([runner.program("initdb"), "-D", _pgdata(data_dir), "-U", USER, "--auth=scram-sha-256",
-                    f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale", "--no-instructions"],
+        runner.run([runner.program("initdb"), "-D", PGDATA, "-U", USER, "--auth=scram-sha-256",
+                    "--pwfile=.initdb-password", "-E", "UTF8", "--no-locale", "--no-instructions"],
                    "initialise the database cluster")
     finally:
         os.unlink(pwfile)
-    conf = os.path.join(_pgdata(data_dir), "postgresql.conf")
+    conf = os.path.join(pgdata, "postgresql.conf")
     with open(conf, "a", encoding="utf-8") as handle:
         handle.write("\n# search_utils.vector_db.local_server\n")
         handle.writelines(f"{key} = {value}\n" for key, value in TUNING.items())
@@ -284,11 +378,14 @@ def _write_private(path: str, text: str) -> None:
 
 def _running(runner: _Runner, data_dir: str) -> bool:
     """pg_ctl status: 0 running, 3 not running (a stale postmaster.pid counts as not)."""
-    return runner.run([runner.program("pg_ctl"), "-D", _pgdata(data_dir), "status"], "").returncode == 0
+    return runner.run([runner.program("pg_ctl"), "-D", PGDATA, "status"], "").returncode == 0
 
 
 def _write_settings(data_dir: str, host: str, port: int) -> None:
-    socket_dir = data_dir if len(data_dir) <= MAX_SOCKET_PATH else ""  # too long a path: TCP only
+    # as root, DIR may not be the service user's: the socket goes into pgdata, which is
+    socket_dir = _pgdata(data_dir) if os.geteuid() == 0 else data_dir
+    if len(socket_dir) > MAX_SOCKET_PATH or any(char in socket_dir for char in ',"'):
+        socket_dir = ""  # a path too long for a socket, or one the setting's list syntax can't hold: TCP only
     quoted = lambda value: "'" + str(value).replace("'", "''") + "'"  # noqa: E731
     path = os.path.join(_pgdata(data_dir), SETTINGS_FILE)
     with open(path, "w", encoding="utf-8") as handle:
@@ -311,16 +408,23 @@ def _read_settings(data_dir: str) -> dict[str, str]:
 
 def _recorded_port(data_dir: str, host: str) -> int | None:
     """The port of the last start, if it is free now (the URI then stays the same)."""
-    port = _read_settings(data_dir).get("port")
-    if port is None:
+    try:
+        port = int(_read_settings(data_dir).get("port", ""))
+    except ValueError:
         return None
+    if not 1 <= port <= 65535 or not _port_free(host, port):  # e.g. recorded by an older version's bad --port
+        return None
+    return port
+
+
+def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
         try:
             probe.bind((host, int(port)))
         except OSError:
-            return None
-    return int(port)
+            return False
+    return True
 
 
 def _free_port(host: str) -> int:
@@ -336,17 +440,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                             description="a local PostgreSQL + pgvector server (pgserver's binaries) in a folder")
     parser.add_argument("action", choices=("start", "stop"))
     parser.add_argument("data_dir", help="the server's folder (created and initialised on first start)")
-    parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: the last one, else a free one)")
+    parser.add_argument("--port", type=port_number,
+                        help="port on 127.0.0.1, 1-65535 (default: the last one, else a free one)")
     args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error("argument data_dir: empty")
+    shown = printable_path(args.data_dir)
     if args.action == "start":
         uri = start(args.data_dir, args.port)
-        print(f"database server running in {args.data_dir} (stop: python -m search_utils.vector_db.local_server "
-              f"stop {args.data_dir}); its URI, with the password:", file=sys.stderr)
+        print(f"database server running in {shown} (stop: python -m search_utils.vector_db.local_server "
+              f"stop {printable_path(shlex.quote(args.data_dir))}); its URI, with the password:", file=sys.stderr)
         print(uri)
     else:
-        print(f"database server in {args.data_dir}: {'stopped' if stop(args.data_dir) else 'was not running'}",
+        print(f"database server in {shown}: {'stopped' if stop(args.data_dir) else 'was not running'}",
               file=sys.stderr)
     return 0
+
+
+def port_number(text: str) -> int:
+    """argparse type of --port: 1-65535."""
+    try:
+        port = int(text)
+        check_port(port)
+    except (ValueError, LocalServerError):
+        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {text!r}") from None
+    return port
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """A features file's rows in PostgreSQL + pgvector, kept in step by `sync`,
 and the candidate index search asks (docs/VECTOR_DB.md).
 
-Schema (created if missing):
+Schema (created by the indexer if missing; searching only reads):
 
     search_collections   one row per collection: its items table, the model
                          and dimension it was made from, the sqrt-PCA
                          projection (mean and components, float32 bytes),
-                         the index method, the row count
+                         the index method, the row count, and the
+                         fingerprint of the features file it was synced from
     search_items_<hash>  one table per collection: path (primary key), the
                          blake2b-16 digest of the row's float32 features,
                          embedding vector(reduced) with an HNSW index
@@ -15,35 +16,45 @@ A collection is named after the features file's absolute path
 (`collection_name`), so any number of features files can share a database
 (a base name alone made two folders' `features.csv` overwrite each other's
 rows); a features file moved elsewhere starts a new collection.
+
+A search uses the database only while it holds the very version of the
+features file being searched (`source_fingerprint`, checked when the
+candidates are made and again in each query's own statement); otherwise it
+scans the features file exactly and says why, so a database that wasn't
+updated never costs a result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .. import ann
-from . import DatabaseError, redacted
+from . import PERCENT_ENCODING_HINT, DatabaseError, redacted, scrubbed
 
 CONNECT_TIMEOUT = 5  # seconds: a down server is one line soon, not a hang
+SEARCH_TIMEOUT = 10  # seconds a search's statement may run or wait for a lock (a sync may hold one for minutes)
 BLOCK_ROWS = 8192  # store rows read, hashed and projected at a time (64 MB at 2048-d)
 DELETE_BATCH = 10_000
 SCHEMA_LOCK = 0x5EA2C4  # advisory lock: two first-time connections don't race creating tables
+FINGERPRINT_ROWS = 1024  # rows hashed into a fingerprint of a file that records no hash of itself
 # HNSW, measured against IVFFlat on the synthetic rows (docs/VECTOR_DB.md): m and
 # ef_construction as pgvector's defaults; ef_search >= the candidates asked for
 # (pgvector 0.6 returns at most ef_search rows).
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
 MIN_EF_SEARCH = 40
-MAX_EF_SEARCH = 1000  # pgvector's limit
+MAX_EF_SEARCH = 1000  # pgvector's limit: asked for more candidates, the search scans every row
 BUILD_MEMORY_CAP = 4 << 30  # maintenance_work_mem asked for while building the index
+UPDATE_HINT = "to update it, run create_imagenet_features.py again with --db"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS search_collections (
@@ -56,14 +67,18 @@ CREATE TABLE IF NOT EXISTS search_collections (
     projection_components bytea NOT NULL,
     index_method text NOT NULL,
     row_count bigint NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    source_fingerprint text
 )"""
+# added to a table made before fingerprints were recorded (its collections then count as out of date)
+FINGERPRINT_COLUMN = "ALTER TABLE search_collections ADD COLUMN IF NOT EXISTS source_fingerprint text"
 
 
 def collection_name(features_path: str) -> str:
     """The collection a features file syncs to: its absolute path (symlinks
-    resolved), the same from whichever folder indexing or search runs."""
-    return os.path.realpath(os.fspath(features_path))
+    resolved), the same from whichever folder indexing or search runs; as
+    `stored_path` writes it (a file name need not be UTF-8)."""
+    return stored_path(os.path.realpath(os.fspath(features_path)))
 
 
 def stored_path(path: str) -> str:
@@ -86,6 +101,32 @@ def row_digests(rows: np.ndarray) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
 
+def source_fingerprint(features_path: str, store) -> str:
+    """Which version of the features file `store` is, as the database records it.
+
+    A CSV written by the indexer records the SHA-256 of its bytes (paths and
+    values) in its metadata (store/generation.py): that, exactly. Any other
+    file (HDF5, a CSV without metadata): its paths, shape, size and
+    modification time (every write of a features file replaces it, so its
+    time changes) and a digest of evenly spaced rows, as ann.fingerprint."""
+    sha = store.metadata.get("features_sha256")
+    if isinstance(sha, str) and sha:
+        return f"sha256:{sha}"
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{len(store)}x{store.dim}\0".encode())
+    for path in store.paths:
+        digest.update(stored_path(path).encode("utf-8") + b"\0")
+    try:
+        info = os.stat(features_path)
+        digest.update(f"{info.st_size}:{info.st_mtime_ns}\0".encode())
+    except OSError:
+        digest.update(b"no file\0")
+    if len(store):
+        sampled = np.unique(np.linspace(0, len(store) - 1, min(len(store), FINGERPRINT_ROWS)).astype(np.int64))
+        digest.update(np.ascontiguousarray(store.features[sampled], dtype=np.float32).tobytes())
+    return f"file:{digest.hexdigest()}"
+
+
 @dataclass
 class Collection:
     """A collection's row of search_collections."""
@@ -97,6 +138,7 @@ class Collection:
     projection: ann.Projection
     index_method: str
     rows: int
+    fingerprint: str | None  # of the features file it was synced from (None: synced by an older version)
 
     def describe(self) -> str:
         return f"pgvector {self.index_method.upper()} over {self.projection.components.shape[1]}-d sqrt-PCA"
@@ -125,19 +167,29 @@ class SyncReport:
 
 
 class VectorDatabase:
-    """One connection to the database server (autocommit; `sync` is one transaction)."""
+    """One connection to the database server (autocommit; `sync` is one
+    transaction). Every statement outside a sync gives up after
+    SEARCH_TIMEOUT seconds (running, or waiting for a lock)."""
 
     def __init__(self, uri: str, connection):
         self.uri = uri
         self.name = redacted(uri)
         self.connection = connection
         self.lock = threading.Lock()  # the service searches from several threads; one connection
+        self._vector_on = None  # the connection the vector type was registered on
 
     @classmethod
-    def connect(cls, uri: str) -> "VectorDatabase":
+    def connect(cls, uri: str, writing: bool = False) -> "VectorDatabase":
         database = cls(uri, _connect(uri))
-        with database.errors("set up the tables"):
-            database._create_schema()
+        try:
+            with database.errors("set up the session"):
+                database._configure()
+            if writing:
+                with database.lock, database.errors("set up the tables"):
+                    database._ensure_schema()
+        except BaseException:
+            database.close()
+            raise
         return database
 
     def close(self) -> None:
@@ -146,19 +198,48 @@ class VectorDatabase:
     def errors(self, doing: str):
         return _translated(self, doing)
 
-    def _create_schema(self) -> None:
+    def check(self) -> None:
+        """Raise DatabaseError (one line) unless the server answers now; a
+        broken connection is reopened first. For a service's health check."""
+        with self.lock, self.errors("reach the server"):
+            if self.connection.closed:
+                self.reconnect()
+            self.connection.execute("SELECT 1")
+
+    def _configure(self) -> None:
+        timeout = f"{int(SEARCH_TIMEOUT * 1000)}ms"
+        self.connection.execute("SELECT set_config('statement_timeout', %s, false), "
+                                "set_config('lock_timeout', %s, false)", (timeout, timeout))
+
+    def _no_timeouts(self) -> None:
+        """In a sync's transaction: it may wait for another sync, and build an index for minutes."""
+        self.connection.execute("SELECT set_config('statement_timeout', '0', true), "
+                                "set_config('lock_timeout', '0', true)")
+
+    def _ensure_schema(self) -> None:
+        """The vector extension and search_collections (DDL: the indexer's
+        side only; searching never writes)."""
         with self.connection.transaction():
+            self._no_timeouts()
             self.connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             if self.connection.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None:
                 self.connection.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            self.connection.execute(SCHEMA)
-        _register_vector(self.connection)
+            if not self._table_exists("search_collections"):
+                self.connection.execute(SCHEMA)
+            elif not self._has_column("search_collections", "source_fingerprint"):
+                self.connection.execute(FINGERPRINT_COLUMN)
+        self._register_vector()
+
+    def _register_vector(self) -> None:
+        if self._vector_on is not self.connection:
+            _register_vector(self.connection)
+            self._vector_on = self.connection
 
     def reconnect(self) -> None:
         """A new connection after the old one broke (e.g. the server restarted)."""
         self.connection.close()
         self.connection = _connect(self.uri)
-        _register_vector(self.connection)
+        self._configure()
 
     # ------------------------------------------------------------------ sync
 
@@ -166,42 +247,60 @@ class VectorDatabase:
              note: Callable[[str], None] | None = None) -> SyncReport:
         """Bring the collection of `features_path` in step with `store` (its
         FeatureStore) in one transaction: delete paths the store no longer has,
-        write new and changed rows, leave the rest. The projection is learned
+        write new and changed rows, leave the rest, and record which version
+        of the file this is (`source_fingerprint`). The projection is learned
         on the first sync, on `rebuild`, or when the model or dimension
         changed; then every row is written again."""
         started = time.perf_counter()
         name = collection_name(features_path)
+        fingerprint = source_fingerprint(features_path, store)
         note = note or _stderr
-        with self.errors(f"sync collection {name}"), self.lock, self.connection.transaction():
-            self.connection.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (name,))  # one sync at a time
-            existing = self.collection(name)
-            relearn = rebuild or existing is None or _made_differently(existing, store)
-            report = SyncReport(self.name, name, relearned=relearn)
-            if len(store) == 0:  # nothing to learn a projection from: no collection
-                report.relearned = False
-                report.removed = self._drop(name, existing)
-                return report
-            if relearn:
-                self._rewrite(name, existing, store, report, note)
-            else:
-                self._apply_difference(existing, store, report)
-            report.rows = self._count(items_table(name))
-            if relearn or report.written or report.removed:
-                self.connection.execute("UPDATE search_collections SET row_count = %s, updated_at = now() "
-                                        "WHERE name = %s", (report.rows, name))
+        with self.lock, self.errors(f"sync collection {name}"):
+            self._ensure_schema()
+            with self.connection.transaction():
+                self._no_timeouts()
+                self._lock_collection(name, note)
+                existing = self.collection(name)
+                relearn = rebuild or existing is None or _made_differently(existing, store)
+                report = SyncReport(self.name, name, relearned=relearn)
+                if len(store) == 0:  # nothing to learn a projection from: no collection
+                    report.relearned = False
+                    report.removed = self._drop(name, existing)
+                    return report
+                if relearn:
+                    self._rewrite(name, existing, store, report, note)
+                else:
+                    self._apply_difference(existing, store, report)
+                report.rows = self._count(items_table(name))
+                if relearn or report.written or report.removed or existing.fingerprint != fingerprint:
+                    self.connection.execute("UPDATE search_collections SET row_count = %s, source_fingerprint = %s, "
+                                            "updated_at = now() WHERE name = %s", (report.rows, fingerprint, name))
         report.seconds = time.perf_counter() - started
         return report
 
+    def _lock_collection(self, name: str, note: Callable[[str], None]) -> None:
+        """One sync of a collection at a time (advisory, to the end of the transaction)."""
+        key = "SELECT pg_{}advisory_xact_lock(hashtext(%s))"
+        if not self.connection.execute(key.format("try_"), (name,)).fetchone()[0]:
+            note(f"database {self.name}: waiting for another sync of collection {name} to finish")
+            self.connection.execute(key.format(""), (name,))
+
     def collection(self, name: str) -> Collection | None:
+        """The collection's row, or None (never synced; no tables at all).
+        Only reads: a read-only role will do."""
+        if not self._table_exists("search_collections"):
+            return None
+        fingerprint = "source_fingerprint" if self._has_column("search_collections", "source_fingerprint") \
+            else "NULL::text"
         row = self.connection.execute(
             "SELECT items_table, model, feature_dim, reduced_dim, projection_mean, projection_components, "
-            "index_method, row_count FROM search_collections WHERE name = %s", (name,)).fetchone()
+            f"index_method, row_count, {fingerprint} FROM search_collections WHERE name = %s", (name,)).fetchone()
         if row is None:
             return None
-        table, model, dim, reduced, mean, components, method, rows = row
+        table, model, dim, reduced, mean, components, method, rows, source = row
         projection = ann.Projection(np.frombuffer(mean, "<f4").astype(np.float32),
                                     np.frombuffer(components, "<f4").reshape(dim, reduced).astype(np.float32))
-        return Collection(name, table, model, dim, projection, method, rows)
+        return Collection(name, table, model, dim, projection, method, rows, source)
 
     def _apply_difference(self, existing: Collection, store, report: SyncReport) -> None:
         stored = self._digests(existing.table)
@@ -312,6 +411,11 @@ class VectorDatabase:
     def _table_exists(self, table: str) -> bool:
         return self.connection.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
 
+    def _has_column(self, table: str, column: str) -> bool:
+        return self.connection.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s "
+            "AND attnum > 0 AND NOT attisdropped)", (table, column)).fetchone()[0]
+
     def _count(self, table: str) -> int:
         return self.connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
@@ -322,14 +426,26 @@ class VectorDatabase:
 
 
 class DatabaseBackend:
-    """searcher.SearchBackend: candidates from the database."""
+    """searcher.SearchBackend: candidates from the database, while it holds
+    the version of the features file searched."""
 
     def __init__(self, database: VectorDatabase):
         self.database = database
 
+    def describe(self) -> str:
+        return f"database {self.database.name}"
+
+    def health(self) -> str | None:
+        """None if the database answers now, else why not (one line, no password)."""
+        try:
+            self.database.check()
+        except DatabaseError as error:
+            return str(error)
+        return None
+
     def candidates_for(self, features_path: str, store, note: Callable[[str], None]) -> "DatabaseCandidates | None":
         name = collection_name(features_path)
-        with self.database.errors(f"read collection {name}"), self.database.lock:
+        with self.database.lock, self.database.errors(f"read collection {name}"):
             found = self.database.collection(name)
         where = f"database {self.database.name}"
         why_not = None
@@ -338,23 +454,39 @@ class DatabaseBackend:
         elif found.feature_dim != store.dim or _made_differently(found, store):
             why_not = (f"holds collection {name} made from other features ({found.model}, {found.feature_dim} "
                        "values) than the features file (re-index with --db)")
+        else:
+            fingerprint = source_fingerprint(features_path, store)
+            if found.fingerprint != fingerprint:
+                why_not = (f"is out of date for {name}: it holds another version of the features file "
+                           f"(not synced when the file was last written; {UPDATE_HINT})")
         if why_not:
             note(f"note: {where} {why_not}; searching exactly")
             return None
-        return DatabaseCandidates(self.database, found, store.paths)
+        with self.database.lock, self.database.errors(f"read collection {name}"):
+            self.database._register_vector()
+        return DatabaseCandidates(self.database, found, store, fingerprint, note)
 
 
 class DatabaseCandidates:
     """ann.nearest's candidate index: the nearest stored vectors, as row ids
-    of the store (paths it doesn't have are dropped: a stale database
-    never brings back a removed image)."""
+    of the store. Each query's statement checks that the database still
+    holds the store's version (`fingerprint`): if a sync of another version
+    committed since, or the database proposes fewer rows than the results
+    may need, the candidates come from an exact chi2 scan of the store
+    instead (said once), so stale candidates never cost a result."""
 
-    def __init__(self, database: VectorDatabase, collection: Collection, paths: list[str]):
+    def __init__(self, database: VectorDatabase, collection: Collection, store, fingerprint: str,
+                 note: Callable[[str], None] | None = None):
         self.database = database
         self.collection = collection
+        self.store = store
+        self.fingerprint = fingerprint
+        self.note = note or _stderr
         # the first row of a repeated path, as sync keeps it
-        self.row_of = {stored_path(path): row for row, path in reversed(list(enumerate(paths)))}
+        self.row_of = {stored_path(path): row for row, path in reversed(list(enumerate(store.paths)))}
         self._ef_search = None
+        self._connection = None
+        self._noted = False
 
     def describe(self) -> str:
         return self.collection.describe()
@@ -362,21 +494,48 @@ class DatabaseCandidates:
     def search(self, query: np.ndarray, k: int = ann.DEFAULT_CANDIDATES, probes: int | None = None) -> np.ndarray:
         """Row ids of the about `k` nearest rows, nearest first. `probes`: the
         HNSW candidate list size (ef_search; default: k)."""
-        k = max(1, min(int(k), MAX_EF_SEARCH))
+        k = max(1, int(k))
+        if k > MAX_EF_SEARCH:  # more than pgvector's HNSW returns
+            return self._scanned(query, k)
         vector = self.collection.projection(np.asarray(query, dtype=np.float32).reshape(1, -1))[0]
         ef_search = min(MAX_EF_SEARCH, max(MIN_EF_SEARCH, k, probes or 0))
-        with self.database.errors("search"), self.database.lock:
+        with self.database.lock, self.database.errors("search"):
             paths = self._nearest_paths(vector, k, ef_search)
         rows = [self.row_of.get(path) for path in paths]
-        return np.asarray([row for row in rows if row is not None], dtype=np.int64)
+        found = np.asarray([row for row in rows if row is not None], dtype=np.int64)
+        if not paths:
+            return self._scanned(query, k, f"no longer holds the version of {self.collection.name} searched "
+                                           f"(another was synced since)")
+        # ann.nearest asks for at least 4 candidates per result: fewer than k / 4 could cost results
+        # (a few short of k is usual: the HNSW scan skips rows deleted by a sync until they are vacuumed)
+        needed = min(max(1, k // 4), self.collection.rows)
+        if len(found) < needed:
+            return self._scanned(query, k, f"proposed {len(found)} candidates from {self.collection.name}, "
+                                           f"fewer than the {needed} results may need")
+        return found
+
+    def _scanned(self, query: np.ndarray, k: int, why: str | None = None) -> np.ndarray:
+        """The exact chi2 top `k` of the store: what the database should have proposed."""
+        from ..search import distances, top_n
+
+        if why and not self._noted:
+            self._noted = True
+            self.note(f"note: database {self.database.name} {why}; searching exactly")
+        return np.sort(top_n(distances(self.store.features, query, "chi2"), k)).astype(np.int64)
 
     def _nearest_paths(self, vector: np.ndarray, k: int, ef_search: int) -> list[str]:
+        """The `k` nearest stored paths, or none if the collection no longer
+        records this version (checked in the same statement: one snapshot)."""
         connection = self.database.connection
-        if ef_search != self._ef_search or connection is not getattr(self, "_connection", None):
+        if connection is not self._connection:
+            self.database._register_vector()
+        if ef_search != self._ef_search or connection is not self._connection:
             connection.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(ef_search),))
             self._ef_search, self._connection = ef_search, connection
-        cursor = connection.execute(f"SELECT path FROM {self.collection.table} ORDER BY embedding <-> %b LIMIT %s",
-                                    (vector, k), prepare=True)
+        cursor = connection.execute(
+            f"SELECT path FROM {self.collection.table} WHERE EXISTS (SELECT 1 FROM search_collections "
+            "WHERE name = %s AND source_fingerprint = %s) ORDER BY embedding <-> %b LIMIT %s",
+            (self.collection.name, self.fingerprint, vector, k), prepare=True)
         return [path for (path,) in cursor]
 
 
@@ -391,19 +550,50 @@ def _block_digests(store) -> Iterator[tuple[int, list[bytes]]]:
         yield start, row_digests(store.features[start:start + BLOCK_ROWS])
 
 
+# ------------------------------------------------------------- connecting
+
 def _connect(uri: str):
     import psycopg
 
     name = redacted(uri)
     if not uri.startswith(("postgresql://", "postgres://")):
         raise DatabaseError(f"--db {name}: not a PostgreSQL URI (postgresql://user:password@host:port/database)")
+    _check_readable(uri, name)
     try:
         return psycopg.connect(uri, connect_timeout=CONNECT_TIMEOUT, autocommit=True,
                                application_name="search_utils")
     except psycopg.Error as error:
-        raise DatabaseError(f"database {name} unreachable: {_one_line(error, uri)}") from None
+        raise DatabaseError(_connect_failure(name, _one_line(error, uri))) from None
     except Exception as error:  # e.g. a malformed URI: psycopg's parser raises its own kinds
         raise DatabaseError(f"database {name}: {_one_line(error, uri)}") from None
+
+
+def _check_readable(uri: str, name: str) -> None:
+    """Refuse a URI that libpq would read otherwise than it is written: a
+    password holding an unencoded @ or / makes libpq take part of it for the
+    host, port or database (and quote it back in its errors)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parameters = conninfo_to_dict(uri)
+    except Exception as error:
+        raise DatabaseError(f"--db {name}: not a URI libpq can read ({_one_line(error, uri)}); "
+                            f"{PERCENT_ENCODING_HINT}") from None
+    misread = any("@" in str(parameters.get(key) or "") for key in ("host", "hostaddr", "port", "dbname"))
+    ports = str(parameters.get("port") or "")
+    if misread or (ports and not all(port.strip().isdigit() for port in ports.split(",") if port.strip())):
+        raise DatabaseError(f"--db {name}: the URI can't be read as written; {PERCENT_ENCODING_HINT}")
+
+
+def _connect_failure(name: str, reason: str) -> str:
+    """What a failed connection means, in the user's words."""
+    missing = re.search(r'database "([^"]*)" does not exist', reason)
+    if missing:
+        return f"database {name}: the server has no database \"{missing[1]}\" ({reason})"
+    if re.search(r"password authentication failed|no pg_hba\.conf entry|role \"[^\"]*\" does not exist|"
+                 r"no password supplied|authentication failed", reason):
+        return f"database {name}: login refused: {reason}"
+    return f"database {name} unreachable: {reason}"
 
 
 def _register_vector(connection) -> None:
@@ -427,7 +617,12 @@ class _translated:
 
         if error is None or not isinstance(error, psycopg.Error):
             return False
-        message = f"database {self.database.name}: could not {self.doing}: {_one_line(error, self.database.uri)}"
+        if isinstance(error, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)):
+            reason = (f"no answer within {SEARCH_TIMEOUT:g} s (another session holds a lock on it, e.g. a sync "
+                      "with --rebuild, or the server is overloaded); try again later, or search without --db")
+        else:
+            reason = _one_line(error, self.database.uri)
+        message = f"database {self.database.name}: could not {self.doing}: {reason}"
         if isinstance(error, psycopg.OperationalError) and self.database.connection.closed:
             try:
                 self.database.reconnect()
@@ -437,22 +632,25 @@ class _translated:
 
 
 def _one_line(error: BaseException, uri: str) -> str:
-    """The error's first line, the URI's password (if it shows at all) masked."""
+    """The error's first line with every piece of the URI's secrets masked;
+    if that can't be done safely, the error's kind only."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
-    for secret in _secrets(uri):
-        text = text.replace(secret, "***")
-    return redacted(text)
+    shown = scrubbed(text, uri, _parsed_secrets(uri))
+    if shown is None:
+        return f"{type(error).__name__} (the server's message is not shown: it quotes part of the password)"
+    return shown
 
 
-def _secrets(uri: str) -> Iterable[str]:
-    from urllib.parse import unquote, urlsplit
-
+def _parsed_secrets(uri: str) -> list[str]:
+    """The secrets as libpq reads them (it may split the URI elsewhere than it looks)."""
     try:
-        password = urlsplit(uri).password
-    except ValueError:
+        from psycopg.conninfo import conninfo_to_dict
+
+        parameters = conninfo_to_dict(uri)
+    except Exception:
         return []
-    return [value for value in {password, unquote(password or "")} if value]
+    return [str(parameters[key]) for key in ("password", "sslpassword") if parameters.get(key)]
 
 
 def _stderr(message: str) -> None:
